@@ -1,0 +1,1 @@
+"""The `v05` command line, configs, experiments, demo and reports."""

@@ -1,0 +1,1 @@
+"""Stage-one data: task sources, verifiable rewards and the DuckDB/Parquet trajectory store."""
