@@ -34,10 +34,11 @@ def _stage(out: Path, name: str, fn, *, force: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every stage.")
 def demo(out: Path, quick: bool, force: bool, seed: int) -> None:
     """Run the main job on the embedded default (CPU, offline)."""
-    from pipelines.bench_estimator import run_benchmark
-
     def estimator_stage(stage_dir: Path) -> None:
-        run_benchmark(n_prompts=20_000 if quick else 100_000, seed=seed, out=stage_dir)
+        from pipelines.bench_estimator import estimator
+
+        args = ["--seed", str(seed), "--out", str(stage_dir)] + (["--quick"] if quick else [])
+        estimator.main(args, standalone_mode=False)
 
     _stage(out, "estimator-bench", estimator_stage, force=force)
     click.echo(f"[demo] finished; outputs under {out}")
