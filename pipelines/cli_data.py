@@ -71,8 +71,44 @@ def data() -> None:
     """Build and inspect a trajectory store (prompts, runs, rollouts, scores)."""
 
 
-# Subcommands: import, ingest-rollouts, info (below). Further ones (e.g. `export-verl`) attach with
-# `@data.command(...)` here or `data.add_command(...)` from their own module.
+# Subcommands: import, export-verl, ingest-rollouts, info (below).
+
+
+@data.command("export-verl")
+@click.argument("path", required=False)
+@click.option("--source", "source_name", type=click.Choice(source_names()), default="arith", show_default=True,
+              help="task source that reads PATH (arith needs no PATH: it generates)")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="verl RL parquet file to write (atomically)")
+@click.option("--split", default=None, help="export only this split, e.g. train or test")
+@click.option("--set", "options", multiple=True, metavar="KEY=VALUE",
+              help="option of the source's constructor, e.g. --set n_prompts=2000 for arith (repeatable)")
+@click.option("--data-source", default=None,
+              help="reward name written in every row's data_source (default: each prompt's dataset)")
+@click.option("--instruction", default=None,
+              help='text appended to each user message, e.g. "Put the final answer in \\boxed{}."')
+def export_verl(path, source_name, out_path, split, options, data_source, instruction) -> None:
+    """Write a task source as verl RL parquet with a prior-ready `extra_info`.
+
+    Every row keeps `extra_info.prompt_id` (the store's id), so the V0 prior and the support buffer
+    of `v05 rl-train --engine verl` can look the prompt up; `reward_model.ground_truth` holds the answer.
+    """
+    from v0_data.tasks import get_source
+    from v0_data.tasks.parquet import write_verl_parquet
+
+    kwargs = _parse_options(options, "--set")
+    try:
+        source = get_source(source_name)(**kwargs)
+    except TypeError as err:
+        raise click.BadParameter(f"{err}", param_hint="--set") from None
+    try:
+        prompts = source.load(path, split=split)
+        if not prompts:
+            raise ValueError(f"{path or source_name}: no prompts" + (f" in split {split!r}" if split else ""))
+        written = write_verl_parquet(prompts, out_path, data_source=data_source, instruction=instruction)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err) from None
+    click.echo(f"{len(prompts):,} prompts -> {written}")
 
 
 @data.command("import")

@@ -1,0 +1,139 @@
+"""One-file V0 checkpoints: `torch.save` of a plain dict (tensors + JSON-able values only).
+
+Contents: `format` ("v05-v0"), `format_version`, `config` (the full V0Config as a dict), `train_config`,
+`backbone_id` (what the adapter was trained on), `input_dim`, `head` (name + the head's fitted
+hyper-parameters), `state_dict` (adapter + head weights), `data_fingerprint` (sha256 of the training
+rows), `metrics` and `created_at`. Loading uses `weights_only=True`, so a checkpoint cannot run code.
+A file of another format or version, or a backbone other than the expected one, fails with a message
+that says what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import torch
+
+from v0_model.backbone import EmbeddingCache, FrozenBackbone, resolve_backbone
+from v0_model.model import V0Config, V0Model, V0Predictor
+
+FORMAT = "v05-v0"
+FORMAT_VERSION = 1
+
+
+class LoadedV0(NamedTuple):
+    model: V0Model
+    config: V0Config
+    meta: dict  # everything else in the file except the weights
+
+
+def _jsonable(x: Any) -> Any:
+    """Round-trip through JSON so the file holds only plain types (safe for weights_only loading)."""
+    return json.loads(json.dumps(x, default=float))
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: V0Model,
+    *,
+    backbone_id: str,
+    data_fingerprint: str = "",
+    metrics: Mapping[str, Any] | None = None,
+    train_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint atomically (temporary file, then rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head_info = {"name": model.cfg.head.name}
+    if hasattr(model.head, "hyperparameters"):
+        head_info["fitted"] = model.head.hyperparameters()
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": _jsonable(model.cfg.to_dict()),
+        "train_config": _jsonable(dict(train_config or {})),
+        "backbone_id": backbone_id,
+        "input_dim": int(model.input_dim),
+        "head": _jsonable(head_info),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "data_fingerprint": data_fingerprint,
+        "metrics": _jsonable(dict(metrics or {})),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, expect_backbone: str | None = None) -> LoadedV0:
+    """Read a checkpoint written by `save_checkpoint`; refuse other formats, versions and backbones."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"V0 checkpoint {path} not found; create one with `v05 pretrain-v0 --out {path}`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a V0 checkpoint readable by this version ({type(err).__name__}: {err}); "
+            "re-export it with `v05 pretrain-v0`"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: format {found!r} is not {FORMAT!r}; this file was not written by `v05 pretrain-v0`")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format version {payload.get('format_version')} is not supported "
+            f"(this code reads version {FORMAT_VERSION}); re-train with `v05 pretrain-v0` or use the matching v05 release"
+        )
+    cfg = V0Config.from_dict(payload["config"])
+    if expect_backbone is not None and payload["backbone_id"] != expect_backbone:
+        raise ValueError(
+            f"{path}: the adapter was trained on backbone {payload['backbone_id']!r}, but {expect_backbone!r} was "
+            "requested; token states of different backbones are not interchangeable — use the checkpoint's "
+            "backbone or re-train V0 on the other one"
+        )
+    model = V0Model(cfg, int(payload["input_dim"]))
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match the configured architecture (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); the file is damaged or from another version"
+        )
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return LoadedV0(model.eval(), cfg, meta)
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """sha256 of the checkpoint file (names its adapter-feature cache)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_predictor(
+    path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, feature_cache: bool = True
+) -> V0Predictor:
+    """Checkpoint -> `V0Predictor` with the checkpoint's backbone and an embedding cache.
+
+    The backbone is resolved from the saved config; its resolved id must equal the one recorded at
+    training time (a different model directory or name is refused). With `feature_cache`, adapter
+    features are also cached on disk under `<cache_dir>/v0-features/<checkpoint digest>/`.
+    """
+    loaded = load_checkpoint(path)
+    spec = resolve_backbone(loaded.config.backbone)
+    if spec.backbone_id != loaded.meta["backbone_id"]:
+        raise ValueError(
+            f"{path}: trained on backbone {loaded.meta['backbone_id']!r} but its config now resolves to "
+            f"{spec.backbone_id!r}; make the original backbone available at the same path"
+        )
+    cache = EmbeddingCache(FrozenBackbone(spec), cache_dir)
+    feature_dir = cache.dir.parent / "v0-features" / checkpoint_digest(path)[:16] if feature_cache else None
+    return V0Predictor(loaded.model, cache, feature_dir)

@@ -1,0 +1,169 @@
+"""V0 = frozen backbone (cached) + residual query adapter + in-context head.
+
+    p_hat(C_pi, x) = sigmoid(head(adapter(C_pi.prompts), C_pi.success_rates, adapter(x)))
+
+`V0Model` holds the trainable parts (adapter, head); the backbone is represented by an
+`EmbeddingCache`, so the model only ever sees cached token states. `V0Predictor` adds the cache and
+predicts whole (model, step) groups at once: adapter features are computed once per distinct prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from v0_model.adapter import AdapterConfig, ResidualQueryAdapter
+from v0_model.backbone import BackboneConfig, EmbeddingCache
+from v0_model.heads import HeadConfig, make_head
+
+
+def build_section(cls, values: Mapping | None, section: str):
+    """`cls(**values)` with unknown keys refused by name and numeric strings (YAML 1.1 reads 2e-4 as a
+    string) converted for float fields."""
+    values = dict(values or {})
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; valid: {sorted(names)}")
+    for k, v in values.items():
+        if isinstance(v, str) and isinstance(names[k].default, float):
+            try:
+                values[k] = float(v)
+            except ValueError:
+                raise ValueError(f"{section}.{k}={v!r} is not a number") from None
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class V0Config:
+    """Architecture of V0 (the training recipe lives in `train.TrainConfig`)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig, metadata={"help": "frozen text encoder"})
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "residual query adapter sizes"})
+    head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "in-context head"})
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "V0Config":
+        unknown = set(d) - {"backbone", "adapter", "head"}
+        if unknown:
+            raise ValueError(f"unknown V0 config sections {sorted(unknown)}; valid: backbone, adapter, head")
+        return cls(
+            backbone=build_section(BackboneConfig, d.get("backbone"), "backbone"),
+            adapter=build_section(AdapterConfig, d.get("adapter"), "adapter"),
+            head=build_section(HeadConfig, d.get("head"), "head"),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class V0Model(nn.Module):
+    """Adapter + head over cached backbone states."""
+
+    def __init__(self, cfg: V0Config, input_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.input_dim = input_dim
+        self.adapter = ResidualQueryAdapter(input_dim, cfg.adapter)
+        self.head = make_head(cfg.head, self.adapter.out_features)
+
+    def features(self, cache: EmbeddingCache, ids: Sequence[int], chunk: int = 64) -> torch.Tensor:
+        """Adapter features of prompts. ids (B,) -> [B, F].
+
+        Prompts are processed in chunks of similar length (sorted), which cuts the padded attention
+        work roughly by the ratio max/mean length; the output keeps the input order.
+        """
+        if len(ids) == 0:
+            return torch.zeros(0, self.adapter.out_features)
+        lengths = np.array([cache[i].hidden.shape[0] for i in ids])
+        order = np.argsort(lengths, kind="stable")
+        outs = []
+        for s in range(0, len(ids), chunk):
+            packed = cache.pack([ids[i] for i in order[s : s + chunk]])
+            outs.append(self.adapter(packed.tokens, packed.lengths, packed.pooled))  # [b, F]
+        feats = torch.cat(outs)  # [B, F] sorted by length
+        inverse = torch.as_tensor(np.argsort(order, kind="stable"))
+        return feats[inverse]  # [B, F]
+
+    def logits(self, ctx_x: torch.Tensor, ctx_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """ctx_x [N, F], ctx_y [N] in [0, 1], query_x [M, F] -> log-odds [M]."""
+        return self.head(ctx_x, ctx_y, query_x)
+
+
+class V0Predictor:
+    """Inference wrapper: a trained `V0Model` plus the embedding cache of its backbone.
+
+    Adapter features are memoised per prompt id (V0 is frozen at inference). With `feature_dir` they
+    are also kept on disk (safetensors shards, one directory per checkpoint digest), so a later process
+    with the same checkpoint only runs the head.
+    """
+
+    def __init__(self, model: V0Model, cache: EmbeddingCache, feature_dir: str | Path | None = None):
+        self.model = model.eval()
+        self.cache = cache
+        self.feature_dir = Path(feature_dir) if feature_dir is not None else None
+        self._feat: dict[int, torch.Tensor] = {}
+        self._disk_loaded = False
+
+    def ensure_texts(self, texts: Mapping[int, str], progress: bool = True) -> None:
+        """Embed (or load from the disk cache) every prompt in `texts` that has no features yet."""
+        if self.feature_dir is not None:
+            self._load_features()
+        todo = {pid: t for pid, t in texts.items() if int(pid) not in self._feat}
+        if todo:
+            self.cache.ensure(todo, progress=progress)
+
+    def _load_features(self) -> None:
+        if self._disk_loaded or self.feature_dir is None or not self.feature_dir.is_dir():
+            self._disk_loaded = True
+            return
+        from safetensors.torch import load_file
+
+        for shard in sorted(self.feature_dir.glob("feat-*.safetensors")):
+            t = load_file(str(shard))
+            for pid, f in zip(t["ids"].tolist(), t["features"]):
+                self._feat[int(pid)] = f
+        self._disk_loaded = True
+
+    def _save_features(self, ids: list[int], feats: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        self.feature_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha1(np.asarray(sorted(ids), dtype=np.int64).tobytes()).hexdigest()[:16]
+        path = self.feature_dir / f"feat-{digest}.safetensors"
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({"ids": torch.tensor(ids, dtype=torch.int64), "features": feats.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+
+    @torch.no_grad()
+    def features(self, ids: Sequence[int]) -> torch.Tensor:
+        """Adapter features, memoised per prompt id (the model is frozen here). ids (B,) -> [B, F]."""
+        if self.feature_dir is not None and not self._disk_loaded:
+            self._load_features()
+        missing = list(dict.fromkeys(int(i) for i in ids if int(i) not in self._feat))
+        if missing:
+            feats = self.model.features(self.cache, missing)  # [U, F]
+            for pid, f in zip(missing, feats):
+                self._feat[pid] = f
+            if self.feature_dir is not None:
+                self._save_features(missing, feats)
+        return torch.stack([self._feat[int(i)] for i in ids]) if len(ids) else torch.zeros(0, 1)
+
+    @torch.no_grad()
+    def predict(self, ctx_ids: Sequence[int], ctx_rates: Sequence[float], query_ids: Sequence[int]) -> np.ndarray:
+        """Success probabilities of the queries given one policy's context. Shapes: (N,), (N,), (M,) -> (M,)."""
+        if len(query_ids) == 0:
+            return np.zeros(0)
+        if len(ctx_ids) == 0:
+            raise ValueError("V0 needs at least one context row for a prediction")
+        cx = self.features(ctx_ids)  # [N, F]
+        qx = self.features(query_ids)  # [M, F]
+        cy = torch.as_tensor(np.asarray(ctx_rates, dtype=np.float32))  # [N]
+        return torch.sigmoid(self.model.logits(cx, cy, qx)).double().numpy()  # [M]
