@@ -26,7 +26,8 @@ class DemoConfig:
     policies: tuple[str, ...] = field(default=("tiny-s", "tiny-m", "tiny-l"), metadata={"help": "policy family of stage 1"})
     warm_start_steps: int | None = field(default=None, metadata={"help": "override of the policies' warm start (None = recipe)"})
     build_steps: int = field(default=12, metadata={"help": "GRPO steps per policy in build-data"})
-    build_rollouts_per_step: int = field(default=256, metadata={"help": "rollouts per build-data step"})
+    build_rollouts_per_step: int = field(default=1024, metadata={"help": "rollouts per build-data step"})
+    build_group_size: int = field(default=4, metadata={"help": "GRPO group size in build-data: more prompts per (model, step) snapshot for V0"})
     v0_minutes: float = field(default=3.0, metadata={"help": "wall-clock limit of V0 pretraining"})
     v0_steps: int | None = field(default=None, metadata={"help": "optimiser steps of V0 pretraining (None = config)"})
     rl_policy: str = field(default="tiny-m", metadata={"help": "policy trained in stage 2"})
@@ -37,8 +38,8 @@ class DemoConfig:
     jobs: int = field(default=1, metadata={"help": "RL runs in parallel"})
 
 
-QUICK = DemoConfig(bench_prompts=20_000, policies=("tiny-s",), warm_start_steps=150, build_steps=2,
-                   build_rollouts_per_step=128, v0_minutes=0.5, v0_steps=10, rl_policy="tiny-s",
+QUICK = DemoConfig(bench_prompts=20_000, policies=("tiny-s",), warm_start_steps=1200, build_steps=3,
+                   build_rollouts_per_step=512, v0_minutes=0.5, v0_steps=10, rl_policy="tiny-s",
                    rl_budget=64 * 2, rl_rollouts_per_step=64, eval_every=1, eval_prompts=16)
 
 
@@ -93,7 +94,8 @@ def run_demo(out: Path, cfg: DemoConfig, *, seed: int = 0, force: bool = False, 
         policies = ",".join(refs()[p] for p in cfg.policies)
         build_data.main(["--store", str(store), "--out", str(stage_dir), "--policies", policies,
                          "--steps", str(cfg.build_steps), "--seed", str(seed),
-                         "--set", f"rollouts_per_step={cfg.build_rollouts_per_step}", "--set", "eval_every=0",
+                         "--set", f"rollouts_per_step={cfg.build_rollouts_per_step}", "--set", f"group_size={cfg.build_group_size}",
+                         "--set", "eval_every=0",
                          *threads_args], standalone_mode=False)
 
     def v0_stage(stage_dir: Path) -> None:
