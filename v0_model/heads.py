@@ -14,10 +14,10 @@ Heads (registry `HEADS`):
   to the context) and a final affine calibration are learned across tasks.
   Departure from the paper, which uses TabPFN-v2.5: TabPFN weights cannot be fetched offline, and the
   GP posterior is exact, cheap (one 256 x 256 Cholesky) and calibrated by construction.
-- `tabpfn` (the paper's head): NOT IMPLEMENTED yet. The pinned extra `tabpfn==2.2.1` cannot be
-  installed next to transformers 5 (it needs huggingface-hub<1); tabpfn 9.x installs cleanly and offers
-  `TabPFNClassifier(differentiable_input=True).fit_with_differentiable_input` + `forward`, the route to
-  take when adding it.
+- `tabpfn` (the paper's head, `v0_model/head_tabpfn.py`): the real TabPFN classifier (tabpfn==9.2.0,
+  `differentiable_input=True`), frozen, loaded only from a local checkpoint (`tabpfn_path` or
+  $V05_TABPFN_PATH; v2.5 as in the paper, v2 accepted). Success rates become classes by a threshold
+  (or Bernoulli draws while training); the output is the log-odds of the success class.
 """
 
 from __future__ import annotations
@@ -45,6 +45,23 @@ class HeadConfig:
     label_eps: float = field(default=0.05, metadata={"help": "kernel: success rates are clipped to [eps, 1-eps] before the logit"})
     jitter: float = field(default=1e-4, metadata={"help": "kernel: diagonal jitter for the Cholesky factorisation"})
     ard: bool = field(default=True, metadata={"help": "kernel: learn one relevance scale per feature (ARD)"})
+    tabpfn_path: str = field(
+        default="",
+        metadata={"help": "tabpfn: local classifier checkpoint file or directory (empty: $V05_TABPFN_PATH); never downloaded"},
+    )
+    tabpfn_n_estimators: int = field(
+        default=0,
+        metadata={"help": "tabpfn: ensemble members averaged in logit space; 0 = tabpfn's 'auto' (8, more for wide inputs)"},
+    )
+    tabpfn_labels: str = field(
+        default="threshold",
+        metadata={"help": "tabpfn: rates -> classes: 'threshold' (rate >= tabpfn_threshold) or 'bernoulli' (draws while training)"},
+    )
+    tabpfn_threshold: float = field(default=0.5, metadata={"help": "tabpfn: success class iff rate >= this"})
+    tabpfn_seed: int = field(default=0, metadata={"help": "tabpfn: random_state of the ensemble (feature shifts and subsets)"})
+    tabpfn_ignore_limits: bool = field(
+        default=False, metadata={"help": "tabpfn: allow inputs beyond the checkpoint's pretraining limits (features, CPU rows)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("bandwidth", "signal_var", "noise_var", "jitter"):
@@ -54,6 +71,12 @@ class HeadConfig:
             raise ValueError(f"head.linear_var={self.linear_var} must be >= 0")
         if not 0.0 < self.label_eps < 0.5:
             raise ValueError(f"head.label_eps={self.label_eps} must lie in (0, 0.5)")
+        if self.tabpfn_n_estimators < 0:
+            raise ValueError(f"head.tabpfn_n_estimators={self.tabpfn_n_estimators} must be >= 0 (0 = auto)")
+        if self.tabpfn_labels not in ("threshold", "bernoulli"):
+            raise ValueError(f"head.tabpfn_labels={self.tabpfn_labels!r} must be 'threshold' or 'bernoulli'")
+        if not 0.0 < self.tabpfn_threshold <= 1.0:
+            raise ValueError(f"head.tabpfn_threshold={self.tabpfn_threshold} must lie in (0, 1]")
 
 
 def make_head(cfg: HeadConfig, in_features: int) -> nn.Module:
@@ -173,3 +196,7 @@ class KernelHead(nn.Module):
         )
         logits = self.cal_scale.to(dt) * probit_logit(mu, var) + self.cal_bias.to(dt)  # [M]
         return logits.float()
+
+
+# registers "tabpfn" (the module imports `tabpfn` itself only when such a head is built)
+from v0_model import head_tabpfn as _head_tabpfn  # noqa: E402,F401
