@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= test,verl
+EXTRAS ?= test,verl,tabpfn
 
 .PHONY: install test demo bench clean
 

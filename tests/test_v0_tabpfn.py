@@ -209,3 +209,27 @@ def test_v0_model_forward_backward(tiny_ckpt):
     grads = [p.grad for p in model.adapter.parameters() if p.requires_grad]
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     assert model.adapter.static_queries.grad.abs().sum() > 0
+
+
+def test_v0_checkpoint_round_trip(tiny_ckpt, tmp_path):
+    """A V0 checkpoint with the tabpfn head stores only a, b and the TabPFN file's path, and reloads."""
+    from v0_model.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = V0Config(
+        adapter=AdapterConfig(n_queries=2, width=6, n_heads=3, n_layers=1, bottleneck=8, append_pooled=False),
+        head=HeadConfig(name="tabpfn", tabpfn_path=str(tiny_ckpt), tabpfn_n_estimators=1),
+    )
+    model = V0Model(cfg, input_dim=4).eval()
+    with torch.no_grad():
+        model.head.cal_bias.fill_(0.3)
+    cx, cy, qx = _task(4)
+    with torch.no_grad():
+        before = model.logits(cx, cy, qx)
+    out = save_checkpoint(tmp_path / "v0.pt", model, backbone_id="test")
+    loaded = load_checkpoint(out)
+    assert loaded.meta["head"]["fitted"]["tabpfn_checkpoint"] == tiny_ckpt.name
+    assert loaded.model.cfg.head.tabpfn_path == str(tiny_ckpt)
+    with torch.no_grad():
+        after = loaded.model.logits(cx, cy, qx)
+    torch.testing.assert_close(after, before)
