@@ -383,6 +383,7 @@ class StepStats:
     t_alloc: float  # estimator + planner
     t_update: float
     t_step: float
+    k_hist: dict[str, int] = field(default_factory=dict)  # {k: prompts trained with k rollouts} this step
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": "train", **asdict(self)}
@@ -877,6 +878,7 @@ class Trainer:
             accuracy=float((rewards > 0).mean()) if len(rewards) else float("nan"),
             k_mean=float(counts.mean()) if n_groups else float("nan"),
             k_max=int(counts.max()) if n_groups else 0,
+            k_hist={str(int(k)): int(c) for k, c in zip(*np.unique(np.asarray(counts), return_counts=True))},
             osla_rounds=info["osla_rounds"],
             prior_reject=adv_stats["prior_reject"],
             prior_missing=adv_stats["prior_missing"],
