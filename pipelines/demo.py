@@ -151,7 +151,7 @@ def run_demo(out: Path, cfg: DemoConfig, *, seed: int = 0, force: bool = False, 
     def report_stage(stage_dir: Path) -> None:
         from pipelines.report import write_report
 
-        images = [p for p in (out / "v0").glob("*.png")] + [out / "estimator-bench" / "estimator_bench.png"]
+        images = sorted((out / "v0").glob("**/*.png")) + [out / "estimator-bench" / "estimator_bench.png"]
         write_report([out / "rl"], stage_dir, title="v05 demo: V0.5 vs GRPO-16 vs DAPO on the embedded arith world",
                      extra_images=images)
 

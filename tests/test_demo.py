@@ -27,6 +27,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
         assert budget <= row["rollouts"] < budget + 64 * 16  # stops at the first step past the budget
     assert (out / "report" / "accuracy_vs_rollouts.png").stat().st_size > 1000
     assert (out / "report" / "k_distribution.png").exists()  # from the per-step k_hist of the runs
+    assert (out / "report" / "calibration.png").exists()  # V0 calibration, copied from the V0 report
     # rerun: every finished stage is skipped
     res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output
