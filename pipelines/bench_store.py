@@ -97,18 +97,10 @@ def synthesise(n_rollouts: int, seed: int = 0, n_prompts: int = N_PROMPTS):
     return prompts, runs
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def run_bench(n_rollouts: int, workdir: Path, repeats: int = 3, seed: int = 0, n_prompts: int = N_PROMPTS) -> dict:
     import duckdb
 
-    from v0_data.store import PARQUET_OPTIONS, TrajectoryStore
+    from v0_data.store import PARQUET_OPTIONS, TrajectoryStore, _fsync_path
 
     prompts, runs = synthesise(n_rollouts, seed, n_prompts)
     n_total = sum(t.num_rows for t in runs.values())
@@ -137,7 +129,7 @@ def run_bench(n_rollouts: int, workdir: Path, repeats: int = 3, seed: int = 0, n
     floor_raw = workdir / "floor_unsorted.parquet"
     t0 = time.perf_counter()
     pq.write_table(full, floor_raw, **PARQUET_OPTIONS)
-    _fsync(floor_raw)
+    _fsync_path(floor_raw)
     t_floor_ingest = time.perf_counter() - t0
     del full
 

@@ -485,12 +485,17 @@ class V05GroupStats(NamedTuple):
     sigma: Array  # σ* after the clamp
 
 
-def _standardize(rewards: Array, idx: Array, mu: Array, std_floor: float) -> tuple[Array, Array]:
-    """A_i = (r_i - μ_g) / max(sqrt(1 - μ_g²), std_floor).  Shapes: (N,), (N,), (G,) → (N,), (G,)."""
+def _sigma_star(mu: Array, std_floor: float) -> Array:
+    """σ* = max(sqrt(1 - μ²), std_floor), the ±1 reward's standard deviation at mean μ.  Shape: (G,) → (G,)."""
     if not std_floor > 0:
         raise ValueError(f"std_floor: expected a positive floor on sqrt(1 - mu*^2), got {std_floor!r}")
     xp = _xp(mu)
-    sigma = xp.sqrt((1 - mu**2).clip(min=0)).clip(min=std_floor)  # [G]
+    return xp.sqrt((1 - mu**2).clip(min=0)).clip(min=std_floor)  # [G]
+
+
+def _standardize(rewards: Array, idx: Array, mu: Array, std_floor: float) -> tuple[Array, Array]:
+    """A_i = (r_i - μ_g) / max(sqrt(1 - μ_g²), std_floor).  Shapes: (N,), (N,), (G,) → (N,), (G,)."""
+    sigma = _sigma_star(mu, std_floor)  # [G]
     return (rewards - mu[idx]) / sigma[idx], sigma
 
 
@@ -504,14 +509,10 @@ def v05_group_stats(
 ) -> V05GroupStats:
     """Per-group V0.5 quantities (k, v̄, V, μ*, ŵ, Δ̂², σ*) for logging.  Shapes: (N,), (N,), (G,) → (G,)."""
     fn = FUSION_METHODS.get(method)
-    rewards = _check_rewards(rewards)
-    idx, n_groups = _check_index(group_index, rewards, _num_groups(prior))
-    prior = _check_prior(prior, rewards, n_groups)
+    rewards, idx, n_groups, prior = _prepare(rewards, group_index, prior)
     st = _group_stats(rewards, idx, n_groups)
     fz = _fuse(st.mean, st.count, prior, fn)
-    xp = _xp(fz.mu)
-    sigma = xp.sqrt((1 - fz.mu**2).clip(min=0)).clip(min=std_floor)
-    return V05GroupStats(st.count, st.mean, prior, fz.mu, fz.w, fz.delta2, sigma)
+    return V05GroupStats(st.count, st.mean, prior, fz.mu, fz.w, fz.delta2, _sigma_star(fz.mu, std_floor))
 
 
 def _prepare(rewards: Any, group_index: Any, prior: Any) -> tuple[Array, Array, int, Array]:
