@@ -95,6 +95,11 @@ def _write_markdown(path: Path, metrics: dict) -> None:
              f"{metrics['minutes']:.1f} min on {metrics['threads']} thread(s); validation: "
              f"{metrics['n_val_rows']} rows, {metrics['n_val_prompts']} held-out prompts", "",
              "| predictor | gAUC | AUC | pair acc (n) | Brier | ECE |", "|---|---|---|---|---|---|"]
+    bank = metrics.get("bank")
+    if bank:
+        lines[3:3] = [f"difficulty bank: {bank['size']} prompts, length scale {bank['length_scale']}, ridge "
+                      f"{bank['ridge']}, leave-one-out MSE {bank['loo_mse']:.4f} vs target variance "
+                      f"{bank['target_var']:.4f} (`bank_only` below: the bank alone)", ""]
     for name, m in metrics["val"].items():
         lines.append(f"| {name} | {m['gauc']:.3f} | {m['auc']:.3f} | {m['pair_acc']:.3f} ({m['pair_n']}) | "
                      f"{m['brier']:.3f} | {m['ece']:.3f} |")

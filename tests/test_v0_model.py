@@ -97,7 +97,7 @@ def test_gp_posterior_matches_direct_formula():
     qx = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     z = torch.tensor([1.0, -1.0], dtype=torch.float64)
     sf, sn, ell, m = 2.0, 0.5, 1.0, 0.25
-    mu, var = gp_posterior(cx, z, qx, prior_mean=torch.tensor(m, dtype=torch.float64), length_scale=torch.tensor(ell),
+    mu, var = gp_posterior(cx, z, qx, ctx_mean=torch.tensor(m, dtype=torch.float64), query_mean=torch.tensor(m, dtype=torch.float64), length_scale=torch.tensor(ell),
                            signal_var=torch.tensor(sf), linear_var=torch.tensor(0.0), noise_var=torch.tensor(sn), jitter=0.0)
     # k(a, b) = sf * exp(-|a-b|^2 / (2 * ell^2 * F)), F = 2: |x0-x1|^2 = 2 -> exp(-0.5); |q-xi|^2 = 0.5 -> exp(-0.125)
     K = np.array([[sf + sn, sf * math.exp(-0.5)], [sf * math.exp(-0.5), sf + sn]])
@@ -129,7 +129,7 @@ def test_kernel_head_is_calibrated_and_ranks_on_synthetic_data():
     rng = np.random.default_rng(0)
     cx, cy, _ = _synthetic(256, 8, rng)
     qx, qy, qp = _synthetic(2000, 8, rng)
-    head = KernelHead(HeadConfig(), 8)
+    head = KernelHead(HeadConfig(signal_var=1.0), 8)  # prior on the scale of the synthetic logits
     with torch.no_grad():
         pred = torch.sigmoid(head(cx, cy, qx)).numpy()
     base = np.full_like(pred, float(cy.mean()))

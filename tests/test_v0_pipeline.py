@@ -146,14 +146,15 @@ def test_training_reduces_loss_and_learns_the_synthetic_task(tiny_bert, tmp_path
     v0_cfg, cfg = _tiny_cfgs(tiny_bert)
     res = train_v0(table, v0_cfg, cfg, cache_dir=tmp_path, progress=False)
     hist = res.metrics
-    first, last = res.history[0], res.history[-1]
+    assert res.history[0]["step"] == 0 and "train_loss" not in res.history[0]  # the untrained candidate
+    first, last = res.history[1], res.history[-1]
     assert last["train_loss"] < first["train_loss"]
     # 'easy' vs 'hard' is one token: the trained V0 separates validation prompts nearly perfectly
     assert hist["val"]["v0"]["gauc"] > 0.9
     # validation prompts never appear in training rows
     train_t, val_t = split_prompts(table, cfg.val_fraction, cfg.seed)
     assert not set(train_t.prompt_id.tolist()) & set(val_t.prompt_id.tolist())
-    assert set(hist["val"]) == {"v0", "context_mean", "knn", "ridge_probe"}
+    assert set(hist["val"]) == {"v0", "context_mean", "knn", "ridge_probe", "bank_only"}
     assert hist["val"]["context_mean"]["gauc"] == pytest.approx(0.5)
 
 
@@ -285,7 +286,7 @@ def test_pretrain_v0_cli_on_release_folder(tiny_bert, tmp_path):
     assert res.exit_code == 0, res.output
     loaded = load_checkpoint(out)
     cv = loaded.meta["metrics"]["cv"]
-    assert cv["n_folds"] == 2 and len(cv["folds"]) == 2 and set(cv["summary"]) == {"v0", "context_mean", "knn", "ridge_probe"}
+    assert cv["n_folds"] == 2 and len(cv["folds"]) == 2 and set(cv["summary"]) == {"v0", "context_mean", "knn", "ridge_probe", "bank_only"}
     assert loaded.meta["train_config"]["max_steps"] == 6 and len(loaded.meta["data_fingerprint"]) == 64
     report = Path(str(out) + ".report")
     for name in ("metrics.json", "config.json", "history.jsonl", "calibration.png", "report.md"):

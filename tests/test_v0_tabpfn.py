@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from v0_model.adapter import AdapterConfig
+from v0_model.bank import BankConfig
 from v0_model.head_tabpfn import TABPFN_PATH_ENV, TabPFNHead, rates_to_classes, resolve_tabpfn_checkpoint
 from v0_model.heads import HEADS, HeadConfig, make_head
 from v0_model.model import V0Config, V0Model
@@ -194,6 +195,7 @@ def test_v0_model_forward_backward(tiny_ckpt):
     cfg = V0Config(
         adapter=AdapterConfig(n_queries=2, width=6, n_heads=3, n_layers=1, bottleneck=8, append_pooled=False),
         head=HeadConfig(name="tabpfn", tabpfn_path=str(tiny_ckpt), tabpfn_n_estimators=2, tabpfn_labels="bernoulli"),
+        bank=BankConfig(enabled=False),
     )
     model = V0Model(cfg, input_dim=d)
     assert model.adapter.out_features == F
@@ -219,6 +221,7 @@ def test_v0_checkpoint_round_trip(tiny_ckpt, tmp_path):
     cfg = V0Config(
         adapter=AdapterConfig(n_queries=2, width=6, n_heads=3, n_layers=1, bottleneck=8, append_pooled=False),
         head=HeadConfig(name="tabpfn", tabpfn_path=str(tiny_ckpt), tabpfn_n_estimators=1),
+        bank=BankConfig(enabled=False),
     )
     model = V0Model(cfg, input_dim=4).eval()
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 Contents: `format` ("v05-v0"), `format_version`, `config` (the full V0Config as a dict), `train_config`,
 `backbone_id` (what the adapter was trained on), `input_dim`, `head` (name + the head's fitted
-hyper-parameters), `state_dict` (adapter + head weights), `data_fingerprint` (sha256 of the training
+hyper-parameters), `state_dict` (adapter + head weights, and the difficulty bank's prompt ids, unit
+embeddings and weights), `data_fingerprint` (sha256 of the training
 rows), `metrics` and `created_at`. Loading uses `weights_only=True`, so a checkpoint cannot run code.
 A file of another format or version, or a backbone other than the expected one, fails with a message
 that says what was found and what to do.
@@ -23,7 +24,8 @@ from v0_model.backbone import EmbeddingCache, FrozenBackbone, resolve_backbone
 from v0_model.model import V0Config, V0Model, V0Predictor
 
 FORMAT = "v05-v0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: difficulty bank (bank.py); version-1 files load with the bank disabled
+READABLE_VERSIONS = (1, 2)
 
 
 class LoadedV0(NamedTuple):
@@ -86,19 +88,23 @@ def load_checkpoint(path: str | os.PathLike, *, expect_backbone: str | None = No
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: format {found!r} is not {FORMAT!r}; this file was not written by `v05 pretrain-v0`")
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{path}: checkpoint format version {payload.get('format_version')} is not supported "
-            f"(this code reads version {FORMAT_VERSION}); re-train with `v05 pretrain-v0` or use the matching v05 release"
+            f"(this code reads versions {list(READABLE_VERSIONS)}); re-train with `v05 pretrain-v0` or use the matching v05 release"
         )
-    cfg = V0Config.from_dict(payload["config"])
+    config = dict(payload["config"])
+    if payload["format_version"] == 1:  # written before the difficulty bank existed
+        config["bank"] = {"enabled": False}
+    cfg = V0Config.from_dict(config)
     if expect_backbone is not None and payload["backbone_id"] != expect_backbone:
         raise ValueError(
             f"{path}: the adapter was trained on backbone {payload['backbone_id']!r}, but {expect_backbone!r} was "
             "requested; token states of different backbones are not interchangeable — use the checkpoint's "
             "backbone or re-train V0 on the other one"
         )
-    model = V0Model(cfg, int(payload["input_dim"]))
+    bank_ids = payload["state_dict"].get("bank.ids")
+    model = V0Model(cfg, int(payload["input_dim"]), bank_size=0 if bank_ids is None else int(bank_ids.numel()))
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(

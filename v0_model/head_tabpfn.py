@@ -129,7 +129,7 @@ class TabPFNHead(nn.Module):
     config instead).
     """
 
-    def __init__(self, cfg: HeadConfig, in_features: int):
+    def __init__(self, cfg: HeadConfig, in_features: int, difficulty_column: bool = False):
         super().__init__()
         self.cfg = cfg
         self.in_features = in_features

@@ -39,9 +39,11 @@ class HeadConfig:
 
     name: str = field(default="kernel", metadata={"help": "head name; one of HEADS.names()"})
     bandwidth: float = field(default=1.0, metadata={"help": "kernel: initial RBF length scale (on standardised features)"})
-    signal_var: float = field(default=1.0, metadata={"help": "kernel: initial RBF signal variance (logit units^2)"})
+    signal_var: float = field(default=0.1, metadata={"help": "kernel: initial RBF signal variance (logit units^2)"})
     linear_var: float = field(default=0.1, metadata={"help": "kernel: initial variance of the linear kernel term"})
     noise_var: float = field(default=1.0, metadata={"help": "kernel: initial observation noise variance (logit units^2)"})
+    beta: float = field(default=16.0, metadata={"help": "kernel + bank: initial prior-mean slope on d(x) (logit units per unit of d)"})
+    d_var: float = field(default=1.0, metadata={"help": "kernel + bank: initial prior variance of a policy's own slope on d(x)"})
     label_eps: float = field(default=0.05, metadata={"help": "kernel: success rates are clipped to [eps, 1-eps] before the logit"})
     jitter: float = field(default=1e-4, metadata={"help": "kernel: diagonal jitter for the Cholesky factorisation"})
     ard: bool = field(default=True, metadata={"help": "kernel: learn one relevance scale per feature (ARD)"})
@@ -64,7 +66,7 @@ class HeadConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("bandwidth", "signal_var", "noise_var", "jitter"):
+        for name in ("bandwidth", "signal_var", "noise_var", "jitter", "beta", "d_var"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"head.{name}={getattr(self, name)} must be > 0")
         if self.linear_var < 0:
@@ -79,9 +81,13 @@ class HeadConfig:
             raise ValueError(f"head.tabpfn_threshold={self.tabpfn_threshold} must lie in (0, 1]")
 
 
-def make_head(cfg: HeadConfig, in_features: int) -> nn.Module:
-    """Build the head named `cfg.name` (unknown names fail with the list of valid ones)."""
-    return HEADS.get(cfg.name)(cfg, in_features)
+def make_head(cfg: HeadConfig, in_features: int, difficulty_column: bool = False) -> nn.Module:
+    """Build the head named `cfg.name` (unknown names fail with the list of valid ones).
+
+    difficulty_column: the last feature is the difficulty bank's d(x) (bank.py); the kernel head uses it
+    as a prior mean, other heads take it as one more feature.
+    """
+    return HEADS.get(cfg.name)(cfg, in_features, difficulty_column=difficulty_column)
 
 
 def clipped_logit(y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,19 +112,25 @@ def gp_posterior(
     z: torch.Tensor,
     query_x: torch.Tensor,
     *,
-    prior_mean: torch.Tensor,
+    ctx_mean: torch.Tensor,
+    query_mean: torch.Tensor,
     length_scale: torch.Tensor,
     signal_var: torch.Tensor,
     linear_var: torch.Tensor,
     noise_var: torch.Tensor,
     jitter: float,
+    ctx_d: torch.Tensor | None = None,
+    query_d: torch.Tensor | None = None,
+    d_var: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact GP regression posterior of the latent f at the queries.
 
-    Kernel k(a, b) = s_f * exp(-|a - b|^2 / (2 l^2 F)) + s_l * a.b / F; observations z = f + N(0, s_n).
-        mu_q  = m + K_qc (K_cc + s_n I)^-1 (z - m)
+    Kernel k(a, b) = s_f * exp(-|a - b|^2 / (2 l^2 F)) + s_l * a.b / F [+ s_d * d_a d_b];
+    prior mean m(x) (ctx_mean at the context, query_mean at the queries); observations z = f + N(0, s_n).
+        mu_q  = m_q + K_qc (K_cc + s_n I)^-1 (z - m_c)
         var_q = k(q, q) - K_qc (K_cc + s_n I)^-1 K_cq
-    Shapes: ctx_x [N, F], z [N], query_x [M, F] -> (mu [M], var [M]).
+    The optional s_d * d_a d_b term is a Gaussian prior on a per-policy slope along the scalar d.
+    Shapes: ctx_x [N, F], z [N], query_x [M, F], means scalar or [N] / [M], d [N] / [M] -> (mu [M], var [M]).
     """
     F = ctx_x.shape[1]
 
@@ -128,12 +140,16 @@ def gp_posterior(
 
     N = ctx_x.shape[0]
     K = kern(ctx_x, ctx_x) + (noise_var + jitter) * torch.eye(N, dtype=ctx_x.dtype, device=ctx_x.device)  # [N, N]
-    L = torch.linalg.cholesky(K)  # [N, N]
     Kqc = kern(query_x, ctx_x)  # [M, N]
-    alpha = torch.cholesky_solve((z - prior_mean).unsqueeze(1), L).squeeze(1)  # [N]
-    mu = prior_mean + Kqc @ alpha  # [M]
-    W = torch.linalg.solve_triangular(L, Kqc.T, upper=False)  # [N, M]
     kqq = signal_var + linear_var * query_x.pow(2).sum(1) / F  # [M]
+    if d_var is not None:
+        K = K + d_var * torch.outer(ctx_d, ctx_d)
+        Kqc = Kqc + d_var * torch.outer(query_d, ctx_d)
+        kqq = kqq + d_var * query_d.pow(2)
+    L = torch.linalg.cholesky(K)  # [N, N]
+    alpha = torch.cholesky_solve((z - ctx_mean).unsqueeze(1), L).squeeze(1)  # [N]
+    mu = query_mean + Kqc @ alpha  # [M]
+    W = torch.linalg.solve_triangular(L, Kqc.T, upper=False)  # [N, M]
     var = (kqq - W.pow(2).sum(0)).clamp_min(1e-9)  # [M]
     return mu, var
 
@@ -145,11 +161,22 @@ def probit_logit(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 
 @HEADS.register("kernel")
 class KernelHead(nn.Module):
-    """Closed-form Bayesian in-context head (GP on logit success rates); see the module docstring."""
+    """Closed-form Bayesian in-context head (GP on logit success rates); see the module docstring.
 
-    def __init__(self, cfg: HeadConfig, in_features: int):
+    With `difficulty_column`, the last feature is the bank's d(x) (a key-centred success-rate offset,
+    bank.py). It enters as a prior mean m(x) = m_0 + beta * (d(x) - mean_ctx d) with a learned slope
+    beta, plus a kernel term s_d * d_a d_b, so a policy's context can turn the slope up or down; the
+    RBF/linear kernel on the remaining features models what the bank misses for this policy.
+    """
+
+    def __init__(self, cfg: HeadConfig, in_features: int, difficulty_column: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.difficulty_column = difficulty_column
+        if difficulty_column:
+            in_features -= 1
+            self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.beta)))  # logit units per unit of d
+            self.log_dvar = nn.Parameter(torch.tensor(math.log(cfg.d_var)))  # prior variance of the per-policy slope
         self.in_features = in_features
         self.log_length = nn.Parameter(torch.tensor(math.log(cfg.bandwidth)))
         self.log_signal = nn.Parameter(torch.tensor(math.log(cfg.signal_var)))
@@ -162,7 +189,7 @@ class KernelHead(nn.Module):
         self.log_relevance = nn.Parameter(torch.zeros(in_features)) if cfg.ard else None
 
     def hyperparameters(self) -> dict[str, float]:
-        return {
+        out = {
             "length_scale": float(self.log_length.detach().exp()),
             "signal_var": float(self.log_signal.detach().exp()),
             "linear_var": float(self.log_linear.detach().exp()),
@@ -170,29 +197,45 @@ class KernelHead(nn.Module):
             "cal_scale": float(self.cal_scale.detach()),
             "cal_bias": float(self.cal_bias.detach()),
         }
+        if self.difficulty_column:
+            out.update(beta=float(self.log_beta.detach().exp()), d_var=float(self.log_dvar.detach().exp()))
+        return out
 
     def forward(self, ctx_x: torch.Tensor, ctx_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         """ctx_x [N, F], ctx_y [N] in [0, 1], query_x [M, F] -> logits [M] (float32)."""
         if ctx_x.shape[0] == 0:
             raise ValueError("kernel head needs at least one context row")
         dt = torch.float64
-        cx, qx = standardise(ctx_x.to(dt), query_x.to(dt))  # [N, F], [M, F]
+        ctx_x, query_x = ctx_x.to(dt), query_x.to(dt)
+        d_kw: dict = {}
+        if self.difficulty_column:
+            dbar = ctx_x[:, -1].mean()
+            ctx_d, query_d = ctx_x[:, -1] - dbar, query_x[:, -1] - dbar  # [N], [M]
+            ctx_x, query_x = ctx_x[:, :-1], query_x[:, :-1]
+            d_kw = {"ctx_d": ctx_d, "query_d": query_d, "d_var": self.log_dvar.to(dt).exp()}
+        cx, qx = standardise(ctx_x, query_x)  # [N, F], [M, F]
         if self.log_relevance is not None:
             rel = torch.exp(self.log_relevance - self.log_relevance.mean()).to(dt)  # [F], geometric mean 1
             cx, qx = cx * rel, qx * rel
         eps = self.cfg.label_eps
         z = clipped_logit(ctx_y.to(dt), eps)  # [N]
         prior_mean = clipped_logit(ctx_y.to(dt).mean(), eps)  # [] empirical-Bayes prior mean
+        ctx_mean = query_mean = prior_mean
+        if self.difficulty_column:
+            beta = self.log_beta.to(dt).exp()
+            ctx_mean, query_mean = prior_mean + beta * d_kw["ctx_d"], prior_mean + beta * d_kw["query_d"]
         mu, var = gp_posterior(
             cx,
             z,
             qx,
-            prior_mean=prior_mean,
+            ctx_mean=ctx_mean,
+            query_mean=query_mean,
             length_scale=self.log_length.to(dt).exp(),
             signal_var=self.log_signal.to(dt).exp(),
             linear_var=self.log_linear.to(dt).exp(),
             noise_var=self.log_noise.to(dt).exp(),
             jitter=self.cfg.jitter,
+            **d_kw,
         )
         logits = self.cal_scale.to(dt) * probit_logit(mu, var) + self.cal_bias.to(dt)  # [M]
         return logits.float()

@@ -21,6 +21,7 @@ from torch import nn
 
 from v0_model.adapter import AdapterConfig, ResidualQueryAdapter
 from v0_model.backbone import BackboneConfig, EmbeddingCache
+from v0_model.bank import BankConfig, DifficultyBank
 from v0_model.heads import HeadConfig, make_head
 
 
@@ -48,16 +49,18 @@ class V0Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig, metadata={"help": "frozen text encoder"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "residual query adapter sizes"})
     head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "in-context head"})
+    bank: BankConfig = field(default_factory=BankConfig, metadata={"help": "cross-policy difficulty bank"})
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "V0Config":
-        unknown = set(d) - {"backbone", "adapter", "head"}
+        unknown = set(d) - {"backbone", "adapter", "head", "bank"}
         if unknown:
-            raise ValueError(f"unknown V0 config sections {sorted(unknown)}; valid: backbone, adapter, head")
+            raise ValueError(f"unknown V0 config sections {sorted(unknown)}; valid: backbone, adapter, head, bank")
         return cls(
             backbone=build_section(BackboneConfig, d.get("backbone"), "backbone"),
             adapter=build_section(AdapterConfig, d.get("adapter"), "adapter"),
             head=build_section(HeadConfig, d.get("head"), "head"),
+            bank=build_section(BankConfig, d.get("bank"), "bank"),
         )
 
     def to_dict(self) -> dict:
@@ -65,14 +68,20 @@ class V0Config:
 
 
 class V0Model(nn.Module):
-    """Adapter + head over cached backbone states."""
+    """Adapter + difficulty bank + head over cached backbone states.
 
-    def __init__(self, cfg: V0Config, input_dim: int):
+    Features of a prompt: the adapter's output, then (with the bank enabled) the bank's difficulty
+    value d(x) as the last column, which the head treats as a prior-mean input (heads.py).
+    """
+
+    def __init__(self, cfg: V0Config, input_dim: int, bank_size: int = 0):
         super().__init__()
         self.cfg = cfg
         self.input_dim = input_dim
         self.adapter = ResidualQueryAdapter(input_dim, cfg.adapter)
-        self.head = make_head(cfg.head, self.adapter.out_features)
+        self.bank = DifficultyBank(input_dim, bank_size) if cfg.bank.enabled else None
+        n_bank = 1 if self.bank is not None else 0
+        self.head = make_head(cfg.head, self.adapter.out_features + n_bank, difficulty_column=self.bank is not None)
 
     def features(self, cache: EmbeddingCache, ids: Sequence[int], chunk: int = 64) -> torch.Tensor:
         """Adapter features of prompts. ids (B,) -> [B, F].
@@ -81,13 +90,18 @@ class V0Model(nn.Module):
         work roughly by the ratio max/mean length; the output keeps the input order.
         """
         if len(ids) == 0:
-            return torch.zeros(0, self.adapter.out_features)
+            return torch.zeros(0, self.adapter.out_features + (self.bank is not None))
         lengths = np.array([cache[i].hidden.shape[0] for i in ids])
         order = np.argsort(lengths, kind="stable")
         outs = []
         for s in range(0, len(ids), chunk):
-            packed = cache.pack([ids[i] for i in order[s : s + chunk]])
-            outs.append(self.adapter(packed.tokens, packed.lengths, packed.pooled))  # [b, F]
+            chunk_ids = [ids[i] for i in order[s : s + chunk]]
+            packed = cache.pack(chunk_ids)
+            feats = self.adapter(packed.tokens, packed.lengths, packed.pooled)  # [b, F]
+            if self.bank is not None:
+                d = self.bank(chunk_ids, packed.pooled)  # [b]
+                feats = torch.cat([feats, d.unsqueeze(1)], dim=1)  # [b, F + 1]
+            outs.append(feats)
         feats = torch.cat(outs)  # [B, F] sorted by length
         inverse = torch.as_tensor(np.argsort(order, kind="stable"))
         return feats[inverse]  # [B, F]

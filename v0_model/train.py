@@ -13,9 +13,13 @@ validation predicts them from a fixed, seeded context of training rows of the sa
 `eval_context_size`, default 512 = the paper's support-buffer capacity; more context helps the in-context
 head, see the report); training stops
 early when validation gAUC has not improved for `patience` evaluations, or at `max_minutes`. The best
-weights are kept; then (`calibrate`) the head's output affine is refit on the validation prompts by
+weights are kept, the untrained adapter (step 0) being a candidate too; then (`calibrate`) the head's output affine is refit on the validation prompts by
 Platt scaling (two parameters; ranking metrics are unchanged, validation ECE becomes optimistic, so
 report calibration from cross-validation folds, which are never used for it).
+
+Before the first step the difficulty bank (bank.py) is fitted on the training rows only; every training
+prompt then carries its leave-one-out d(x), so no task sees its own labels through the bank. After
+training the bank is refit on all rows given (validation prompts included) for the exported model.
 
 Departures: the reference trains with large batches of tasks on GPUs; here one step is `tasks_per_step`
 tasks (default 1) so that a run fits minutes on one CPU thread. Its hard-label (score >= 0) pair split
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 
 from v0_model import metrics as M
 from v0_model.backbone import EmbeddingCache, FrozenBackbone, resolve_backbone
+from v0_model.bank import key_centred_targets
 from v0_model.model import V0Config, V0Model, build_section
 
 
@@ -379,6 +384,11 @@ def evaluate(
     preds = {"v0": predict_table(model, cache, ctx_table, query_table, cfg.eval_context_size, cfg.seed + 1)}
     if with_baselines:
         preds.update(baseline_predictions(cache, ctx_table, query_table, cfg.eval_context_size, cfg.seed + 1, cfg))
+        if model.bank is not None and len(model.bank):  # ablation: the bank alone (ranks by d(x) within a key)
+            with torch.no_grad():
+                pooled = torch.as_tensor(cache.pooled_matrix(query_table.prompt_id.tolist()))
+                d = model.bank(query_table.prompt_id.tolist(), pooled).double().numpy()
+            preds["bank_only"] = np.clip(preds["context_mean"] + d, 0.0, 1.0)
     ok = ~np.isnan(preds["v0"])
     q = query_table.take(ok)
     report = {
@@ -406,6 +416,15 @@ def build_cache(v0_cfg: V0Config, texts: Mapping[int, str], cache_dir: str | Pat
     return cache
 
 
+def fit_bank(model: V0Model, cache: EmbeddingCache, table: PairTable, v0_cfg: V0Config, seed: int) -> dict | None:
+    """Fit the model's difficulty bank on `table`'s rows (no-op without a bank). -> the bank's info."""
+    if model.bank is None:
+        return None
+    ids, t, n = key_centred_targets(table.keys(), table.prompt_id, table.rate)
+    pooled = torch.as_tensor(cache.pooled_matrix(ids.tolist()))
+    return model.bank.fit(ids, pooled, t, n, v0_cfg.bank, seed)
+
+
 def train_v0(
     table: PairTable,
     v0_cfg: V0Config = V0Config(),
@@ -421,7 +440,8 @@ def train_v0(
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    if val_table is None:
+    split_here = val_table is None
+    if split_here:
         train_table, val_table = split_prompts(table, cfg.val_fraction, cfg.seed)
     else:
         train_table = table
@@ -435,6 +455,7 @@ def train_v0(
         cache.ensure(texts, progress=progress)
     input_dim = int(cache[int(train_table.prompt_id[0])].pooled.shape[0])
     model = V0Model(v0_cfg, input_dim)
+    bank_info = fit_bank(model, cache, train_table, v0_cfg, cfg.seed)
     sampler = TaskSampler(train_table, cfg.context_size, cfg.query_pairs, cfg.seed)
     opt = torch.optim.AdamW(
         [
@@ -446,8 +467,10 @@ def train_v0(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.max_steps, cfg.warmup_frac))
 
-    best = {"gauc": -1.0, "step": 0, "state": {k: v.clone() for k, v in model.state_dict().items()}}
-    history: list[dict] = []
+    # step 0 is a candidate too: with the bank, the untrained adapter may already be the best model
+    report0, _ = evaluate(model, cache, train_table, val_table, cfg, with_baselines=False)
+    best = {"gauc": report0["v0"]["gauc"], "step": 0, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    history: list[dict] = [{"step": 0, "minutes": 0.0, "cpu_minutes": 0.0, **{f"val_{k}": v for k, v in report0["v0"].items()}}]
     bad_evals = 0
     t0, cpu0 = time.time(), time.process_time()
     bar = tqdm(total=cfg.max_steps, desc="pretrain-v0", disable=not progress, unit="step")
@@ -485,7 +508,7 @@ def train_v0(
             g = report["v0"]["gauc"]
             history.append({"step": step, "minutes": minutes, "cpu_minutes": (time.process_time() - cpu0) / 60, **{f"train_{k}": v for k, v in running.items()},
                             **{f"val_{k}": v for k, v in report["v0"].items()}})
-            if g > best["gauc"]:
+            if g > best["gauc"] or np.isnan(best["gauc"]):
                 best = {"gauc": g, "step": step, "state": {k: v.clone() for k, v in model.state_dict().items()}}
                 bad_evals = 0
             else:
@@ -508,6 +531,8 @@ def train_v0(
             model.head.cal_scale.mul_(a)
         calibration = {"a": a, "b": b}
     report, preds = evaluate(model, cache, train_table, val_table, cfg, with_baselines=True)
+    if split_here:  # the exported bank also knows the validation prompts carved out here
+        bank_info = fit_bank(model, cache, table, v0_cfg, cfg.seed)
     info = {
         "val": report,
         "best_step": best["step"],
@@ -521,6 +546,7 @@ def train_v0(
         "n_val_rows": len(val_table),
         "n_val_prompts": int(len(np.unique(val_table.prompt_id))),
         "head": model.head.hyperparameters() if hasattr(model.head, "hyperparameters") else {},
+        "bank": bank_info,
     }
     return TrainResult(model, cache, info, history, preds, val_table)
 
