@@ -17,7 +17,8 @@ from v05_rl.allocation import OslaConfig, plan_round, target_k
 def test_defaults_are_the_papers():
     cfg = OslaConfig()
     assert asdict(cfg) == {
-        "k_init": 4, "step": 2, "c": 0.0039, "k_max": None, "halt_fraction": 0.25, "pad_multiple": 32, "method": "paper"
+        "k_init": 4, "step": 2, "c": 0.0039, "k_max": None, "halt_fraction": 0.25, "pad_multiple": 32, "method": "paper",
+        "no_prior": "cap",
     }
     # 1/sqrt(0.0039) = 16.0128 → cap 16
     assert cfg.cap == 16
@@ -185,3 +186,20 @@ def test_osla_loop_terminates_within_cap():
 def test_bad_input(counts, sums, priors, match):
     with pytest.raises(ValueError, match=match):
         plan_round(np.array(counts), np.array(sums), np.array(priors, dtype=float))
+
+
+def test_no_prior_k_init_stops_prompts_without_a_prior():
+    # a batch with no prior at all: 'cap' samples every prompt on, 'k_init' stops after the cold start
+    counts, sums = np.full(8, 4), np.zeros(8)
+    priors = np.full(8, np.nan)
+    assert np.all(plan_round(counts, sums, priors, OslaConfig(pad_multiple=1)) == 2)
+    assert np.all(plan_round(counts, sums, priors, OslaConfig(pad_multiple=1, no_prior="k_init")) == 0)
+    # mixed batch: prompts with a contradicted prior still get more; the prior-less one only padding, last
+    counts, sums, priors = _contradicting_batch(32, 16)
+    priors[5] = np.nan
+    extra = plan_round(counts, sums, priors, OslaConfig(pad_multiple=1, no_prior="k_init"))
+    assert extra[5] == 0 and np.all(extra[:16][np.arange(16) != 5] == 2) and np.all(extra[16:] == 0)
+    extra = plan_round(counts, sums, priors, OslaConfig(pad_multiple=32, no_prior="k_init"))
+    assert extra.sum() == 32 and extra[5] == 0  # 30 needed + 2 padding, which goes to prompts with a prior
+    with pytest.raises(ValueError, match="no_prior"):
+        OslaConfig(no_prior="never")

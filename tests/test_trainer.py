@@ -231,6 +231,15 @@ def test_osla_gives_different_prompts_different_k(tmp_path):
     assert stats.w_mean == pytest.approx((4 * 0.984375) / 8)
 
 
+@pytest.mark.parametrize("no_prior, k_each", [("cap", 16), ("k_init", 4)])
+def test_prompts_without_a_prior_follow_osla_no_prior(tmp_path, no_prior, k_each):
+    # prior source "none": every prompt lacks a prior; 'cap' samples all 8 to 16, 'k_init' stops at 4
+    cfg = base_cfg(algorithm="v05", rollouts_per_step=32, steps=1, pad_multiple=1, osla_no_prior=no_prior)
+    trainer, _ = make_trainer(cfg, tmp_path, [0.5] * 8)
+    stats = trainer.train_step()
+    assert stats.rollouts == 8 * k_each and stats.k_max == k_each
+
+
 def test_osla_padding_is_generated_and_counted(tmp_path):
     # Same world with the paper's padding to a multiple of 32: round 1 needs 4 × 2 = 8, padded to 32, so
     # the four failing prompts get 8 each (4 -> 12); round 2: 4 × 2 = 8 -> padding would exceed the cap

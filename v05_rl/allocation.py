@@ -13,7 +13,9 @@ One call of `plan_round` decides the next dispatch for a batch of prompts:
 
 Where this departs from or extends the paper, and why:
 - A prompt without a prior (NaN) is treated as Δ̂² = ∞, i.e. k_target = 1/sqrt(c): with nothing to fuse,
-  the planner samples it like GRPO up to the cap.
+  the planner samples it like GRPO up to the cap (`no_prior="cap"`, the default). That makes a run whose
+  prior source has no context yet (the first step) or no prior at all spend the cap on every prompt;
+  `no_prior="k_init"` instead stops such prompts at k_init (their baseline is then the plain k_init mean).
 - The fusion methods beyond the paper carry their own per-rollout noise ν (1 for "paper"), and the
   target is then the same one-step-look-ahead rule with that noise: k_target = sqrt(ν/c) - ν/Δ̂²
   (Eq. 11-12 are the case ν = 1: the empirical MSE Δ̂²ν/(kΔ̂² + ν) gains more than c from one rollout).
@@ -55,6 +57,11 @@ class OslaConfig:
     method: str = field(
         default="paper", metadata={"help": "fusion method for Δ̂²: paper, bernoulli or empirical-bayes"}
     )
+    no_prior: str = field(
+        default="cap",
+        metadata={"help": "a prompt without a prior (NaN): 'cap' samples it to k_max (Eq. 12 with Δ̂² = ∞), "
+                  "'k_init' stops it at k_init"},
+    )
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k_init, int) and self.k_init >= 1):
@@ -84,6 +91,8 @@ class OslaConfig:
             raise ValueError(
                 f"OslaConfig.method: unknown fusion method {self.method!r}; valid: {', '.join(FUSION_METHODS.names())}"
             )
+        if self.no_prior not in ("cap", "k_init"):
+            raise ValueError(f"OslaConfig.no_prior: expected 'cap' or 'k_init', got {self.no_prior!r}")
 
     @property
     def cap(self) -> int:
@@ -180,6 +189,8 @@ def _plan(k: np.ndarray, s: np.ndarray, v: np.ndarray, cfg: OslaConfig, cap: int
     no_prior = np.isnan(v)
     delta2 = np.where(no_prior, np.inf, fz.delta2)  # [P]
     target = target_k(delta2, cfg.c, fz.noise)  # [P]
+    if cfg.no_prior == "k_init":
+        target = np.where(no_prior, float(cfg.k_init), target)
     room = cap - k  # [P]
     need = (kf < target) & (room > 0)
     if need.sum() == 0 or need.sum() < cfg.halt_fraction * k.size:
@@ -192,7 +203,8 @@ def _plan(k: np.ndarray, s: np.ndarray, v: np.ndarray, cfg: OslaConfig, cap: int
     # priority for padding: remaining need, then how far the discrepancy is beyond the noise
     remaining = target - (kf + extra)  # [P], -inf where Δ̂² = 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        zscore = np.where(no_prior, np.inf, (mean - np.nan_to_num(v)) ** 2 * kf / np.maximum(fz.noise, 1e-12))
+        no_prior_z = np.inf if cfg.no_prior == "cap" else 0.0  # padding goes to them last under "k_init"
+        zscore = np.where(no_prior, no_prior_z, (mean - np.nan_to_num(v)) ** 2 * kf / np.maximum(fz.noise, 1e-12))
     order = np.lexsort((np.arange(k.size), -zscore, -remaining))  # highest priority first
     left = room - extra  # [P]
     order = order[left[order] > 0]

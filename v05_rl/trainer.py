@@ -116,6 +116,8 @@ class TrainConfig:
     halt_fraction: float = _h("v05: halt a round when fewer than this share of prompts need more (paper: 0.25)", default=0.25)
     pad_multiple: int = _h("v05: pad each extra dispatch to a multiple of this (paper: 32)", default=32)
     fusion_method: str = _h("v05: fusion method of the estimator (paper, bernoulli, empirical-bayes)", default="paper")
+    osla_no_prior: str = _h("v05: prompts without a prior (no prior source, or an empty support buffer): "
+                            "'cap' samples them to the cap (paper, Eq. 12), 'k_init' stops at k_init", default="cap")
     # prior
     prior: str = _h("prior source: none, oracle-noise (experimental upper bound), v0", default="none")
     v0_checkpoint: str | None = _h("V0 checkpoint for --prior v0", default=None)
@@ -662,7 +664,7 @@ class Trainer:
     def _osla_config(self):
         cfg = self.cfg
         kwargs = dict(k_init=cfg.k_init, step=cfg.osla_step, c=cfg.osla_c, halt_fraction=cfg.halt_fraction,
-                      pad_multiple=cfg.pad_multiple, method=cfg.fusion_method)
+                      pad_multiple=cfg.pad_multiple, method=cfg.fusion_method, no_prior=cfg.osla_no_prior)
         if cfg.osla_k_max is not None:
             kwargs["k_max"] = cfg.osla_k_max
         return _allocation().OslaConfig(**kwargs)
