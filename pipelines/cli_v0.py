@@ -27,7 +27,7 @@ import click
               help="train directly from a V0-release folder (context.jsonl + train.jsonl + prompt_dict.json)")
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="checkpoint file to write")
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML with sections backbone / adapter / head / train (top level or under `v0:`) overriding the defaults")
+              help="YAML with sections backbone / adapter / head / bank / train (top level or under `v0:`) overriding the defaults")
 @click.option("--max-minutes", type=float, default=None, help="wall-clock limit of the training loop (minutes)")
 @click.option("--max-steps", type=int, default=None, help="optimiser steps (overrides the config)")
 @click.option("--seed", type=int, default=None, help="seed of the split, sampling and initialisation")
@@ -36,18 +36,28 @@ import click
               help="embedding cache directory (default: <store>/embeddings, else $V05_CACHE_DIR or ~/.cache/v05)")
 @click.option("--cv-folds", type=int, default=0, show_default=True,
               help="also run prompt-disjoint k-fold cross-validation and report mean/std per predictor (0 = off)")
+@click.option("--holdout", "holdout", default=None, metavar="FILE",
+              help="with --release: a score file of the folder (e.g. train.jsonl) kept out of training and of the "
+                   "bank, then predicted from the training rows of its own (model, step) and reported as `holdout` "
+                   "(the protocol of an outside evaluation)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def pretrain_v0(store, release, out, config, max_minutes, max_steps, seed, threads, cache_dir, cv_folds, quiet) -> None:
+def pretrain_v0(store, release, out, config, max_minutes, max_steps, seed, threads, cache_dir, cv_folds, holdout,
+                quiet) -> None:
     """Train the V0 value model and export one checkpoint file."""
     import numpy as np
     import torch
 
     from v0_model import metrics as M
     from v0_model.checkpoint import save_checkpoint
-    from v0_model.train import build_cache, cross_validate, load_configs, load_release_pairs, load_store_pairs, train_v0
+    from v0_data.tasks.v0_release import RELEASE_FILES
+    from v0_model.train import (
+        build_cache, cross_validate, evaluate, load_configs, load_release_pairs, load_store_pairs, train_v0,
+    )
 
     if (store is None) == (release is None):
         raise click.UsageError("give exactly one of --store DIR or --release DIR")
+    if holdout is not None and release is None:
+        raise click.UsageError("--holdout needs --release (a store has no held-out file)")
     v0_cfg, cfg = load_configs(config, max_minutes=max_minutes, max_steps=max_steps, seed=seed, threads=threads)
     torch.set_num_threads(cfg.threads)
     if store is not None:
@@ -55,7 +65,13 @@ def pretrain_v0(store, release, out, config, max_minutes, max_steps, seed, threa
         if cache_dir is None:
             cache_dir = str(Path(store) / "embeddings")
     else:
-        table = load_release_pairs(release)
+        if holdout is not None and holdout not in RELEASE_FILES:
+            raise click.BadParameter(f"{holdout!r} is not one of the release's score files {list(RELEASE_FILES)}",
+                                     param_hint="--holdout")
+        table = load_release_pairs(release, files=[f for f in RELEASE_FILES if f != holdout])
+    held = load_release_pairs(release, files=(holdout,)) if holdout is not None else None
+    if held is not None:  # a prompt of the held-out file must not be learned from, in any (model, step)
+        table = table.take(~np.isin(table.prompt_id, held.prompt_id))
     out = Path(out)
     report_dir = out.with_name(out.name + ".report")
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +83,10 @@ def pretrain_v0(store, release, out, config, max_minutes, max_steps, seed, threa
     cache = build_cache(v0_cfg, table.texts, cache_dir, progress=not quiet)
     result = train_v0(table, v0_cfg, cfg, cache=cache, progress=not quiet)
     metrics = dict(result.metrics)
+    if held is not None:
+        cache.ensure(held.texts, progress=not quiet)
+        report, _ = evaluate(result.model, cache, table, held, cfg, with_baselines=True)
+        metrics["holdout"] = {"file": holdout, "n_rows": len(held), "metrics": report}
     if cv_folds and cv_folds > 1:
         cv = cross_validate(table, v0_cfg, replace(cfg, max_minutes=cfg.max_minutes / cv_folds), cv_folds,
                             cache=cache, progress=not quiet)
@@ -86,6 +106,10 @@ def pretrain_v0(store, release, out, config, max_minutes, max_steps, seed, threa
                f"best step {metrics['best_step']}")
     for name, m in val.items():
         click.echo(f"  {name:13s} gAUC {m['gauc']:.3f}  AUC {m['auc']:.3f}  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}")
+    if held is not None:
+        click.echo(f"holdout {holdout} ({len(held)} rows):")
+        for name, m in metrics["holdout"]["metrics"].items():
+            click.echo(f"  {name:13s} gAUC {m['gauc']:.3f}  AUC {m['auc']:.3f}  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}")
     click.echo(f"checkpoint -> {out}; report -> {report_dir}")
 
 
@@ -103,6 +127,12 @@ def _write_markdown(path: Path, metrics: dict) -> None:
     for name, m in metrics["val"].items():
         lines.append(f"| {name} | {m['gauc']:.3f} | {m['auc']:.3f} | {m['pair_acc']:.3f} ({m['pair_n']}) | "
                      f"{m['brier']:.3f} | {m['ece']:.3f} |")
+    if "holdout" in metrics:
+        h = metrics["holdout"]
+        lines += ["", f"## Held-out file `{h['file']}` ({h['n_rows']} rows, predicted from the training rows)", "",
+                  "| predictor | gAUC | AUC | Brier | ECE |", "|---|---|---|---|---|"]
+        for name, m in h["metrics"].items():
+            lines.append(f"| {name} | {m['gauc']:.3f} | {m['auc']:.3f} | {m['brier']:.3f} | {m['ece']:.3f} |")
     if "cv" in metrics:
         lines += ["", f"## {metrics['cv']['n_folds']}-fold prompt-disjoint cross-validation (mean ± std)", "",
                   "| predictor | gAUC | AUC | Brier | ECE |", "|---|---|---|---|---|"]

@@ -295,6 +295,23 @@ def test_pretrain_v0_cli_on_release_folder(tiny_bert, tmp_path):
     res = CliRunner().invoke(main, ["pretrain-v0", "--out", str(out)])
     assert res.exit_code != 0 and "exactly one of --store DIR or --release DIR" in res.output
 
+    # --holdout: train.jsonl stays out of training and of the bank, and is reported on its own
+    held_out = tmp_path / "held.pt"
+    res = CliRunner().invoke(main, ["pretrain-v0", "--release", str(tmp_path / "rel"), "--out", str(held_out),
+                                    "--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--holdout",
+                                    "train.jsonl", "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    meta = load_checkpoint(held_out).meta
+    held = meta["metrics"]["holdout"]
+    assert held["file"] == "train.jsonl" and held["n_rows"] == 2 * 22  # prompts 18..39 in both keys
+    assert held["metrics"]["v0"]["n"] == 44 and "holdout train.jsonl (44 rows)" in res.output
+    bank_ids = set(load_checkpoint(held_out).model.bank.ids.tolist())
+    assert len(bank_ids) == 18  # the context prompts only
+    assert "Held-out file `train.jsonl`" in (Path(str(held_out) + ".report") / "report.md").read_text()
+    res = CliRunner().invoke(main, ["pretrain-v0", "--release", str(tmp_path / "rel"), "--out", str(held_out),
+                                    "--holdout", "nope.jsonl"])
+    assert res.exit_code != 0 and "not one of the release's score files" in res.output
+
 
 # --------------------------------------------------------------------------------------------- prior
 
