@@ -142,7 +142,8 @@ def run_demo(out: Path, cfg: DemoConfig, *, seed: int = 0, force: bool = False, 
         overrides = {"policy": refs()[cfg.rl_policy], "rollout_budget": cfg.rl_budget,
                      "rollouts_per_step": cfg.rl_rollouts_per_step, "eval_every": cfg.eval_every,
                      "eval_prompts": cfg.eval_prompts, "steps": 10_000}
-        specs = plan_runs(data, stage_dir, seeds=[seed], only=[], overrides=overrides,
+        # the demo's comparison: V0.5 vs GRPO-16 vs DAPO (the experiment's other variants stay for `v05 experiment`)
+        specs = plan_runs(data, stage_dir, seeds=[seed], only=["v05", "grpo16", "dapo"], overrides=overrides,
                           v0_checkpoint=str(v0_ckpt), source=source)
         failed = [(s, rc) for s, rc, _ in run_experiment(specs, cfg.jobs) if rc != 0]
         if failed:
