@@ -5,7 +5,8 @@ Every head maps
 
     ctx_x [N, F], ctx_y [N] in [0, 1], query_x [M, F]  ->  logits [M],   p_hat = sigmoid(logits)
 
-and is differentiable w.r.t. ctx_x and query_x, so the adapter learns through it.
+and is differentiable w.r.t. ctx_x and query_x, so the adapter learns through it. With the difficulty
+bank (bank.py) the last feature column is its d(x); the kernel head turns it into a prior mean.
 
 Heads (registry `HEADS`):
 - `kernel` (embedded default, no pretrained weights): Gaussian-process regression on the logit of the

@@ -11,11 +11,11 @@ with s the head's log-odds. AdamW (lr 2e-4), cosine schedule with 5 % linear war
 at 1.0. Validation prompts are held out completely (never in any context, never a training query);
 validation predicts them from a fixed, seeded context of training rows of the same key (up to
 `eval_context_size`, default 512 = the paper's support-buffer capacity; more context helps the in-context
-head, see the report); training stops
-early when validation gAUC has not improved for `patience` evaluations, or at `max_minutes`. The best
-weights are kept, the untrained adapter (step 0) being a candidate too; then (`calibrate`) the head's output affine is refit on the validation prompts by
-Platt scaling (two parameters; ranking metrics are unchanged, validation ECE becomes optimistic, so
-report calibration from cross-validation folds, which are never used for it).
+head, see the report); training stops early when validation gAUC has not improved for `patience`
+evaluations, or at `max_minutes`. The best weights are kept, the untrained adapter (step 0) being a
+candidate too; then (`calibrate`) the head's output affine is refit on the validation prompts by Platt
+scaling (two parameters; ranking metrics are unchanged, validation ECE becomes optimistic, so report
+calibration from cross-validation folds, which are never used for it).
 
 Before the first step the difficulty bank (bank.py) is fitted on the training rows only; every training
 prompt then carries its leave-one-out d(x), so no task sees its own labels through the bank. After
