@@ -133,15 +133,18 @@ class DifficultyBank(nn.Module):
 
     def forward(self, ids: Sequence[int], pooled: torch.Tensor) -> torch.Tensor:
         """d for prompts: leave-one-out value for bank members, kernel prediction otherwise. -> [B]."""
+        out = pooled.new_zeros(pooled.shape[0], dtype=torch.float32)
         if len(self) == 0:
-            return pooled.new_zeros(pooled.shape[0])
-        out = _rbf(_unit(pooled.float()), self.centres, float(self.length_scale)) @ self.alpha  # [B]
+            return out
         if self._row is None:
             self._row = {int(p): i for i, p in enumerate(self.ids.tolist())}
-        hit = [(b, self._row[int(p)]) for b, p in enumerate(ids) if int(p) in self._row]
-        if hit:
-            b, j = zip(*hit)
-            out[list(b)] = self.loo[list(j)]
+        rows = [self._row.get(int(p), -1) for p in ids]
+        member = torch.tensor([r >= 0 for r in rows], dtype=torch.bool)
+        if member.any():
+            out[member] = self.loo[[r for r in rows if r >= 0]]
+        if not member.all():  # the kernel sum only for prompts the bank has not measured
+            new = ~member
+            out[new] = _rbf(_unit(pooled[new].float()), self.centres, float(self.length_scale)) @ self.alpha
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
