@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= test,verl,tabpfn
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the unit layer only (no end-to-end runs, no verl): under a minute, for the edit-test loop
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not verl"
 
 demo: $(STAMP)
 	$(VENV)/bin/v05 demo

@@ -1,21 +1,30 @@
-"""`v05 demo`: the whole pipeline on the embedded default (CPU, offline), resumable.
+"""Recipe of `v05 demo`: the whole pipeline on the embedded default (CPU, offline), resumable.
 
     estimator-bench -> policies -> build-data -> v0 -> rl (V0.5 vs GRPO-16 vs DAPO at equal rollouts) -> report
 
-Each stage writes under `--out` and leaves a `DONE` marker last, so rerunning the demo after an
-interruption skips finished stages and resumes the one that was cut off (build-data and the RL runs
-resume from their own checkpoints). Sizes come from `DemoConfig`: the default preset targets about
-20 minutes on 2 cores, `--quick` about 3 minutes (it is what the end-to-end test runs).
+Each stage calls the recipe of its command (`bench_estimator`, `build_data`, `pretrain_v0`, the
+experiment grid, `write_report`), writes under `--out` and leaves a `DONE` marker last, so rerunning the
+demo after an interruption skips finished stages and resumes the one that was cut off (build-data and the
+RL runs resume from their own checkpoints). Sizes come from `DemoConfig`: the default preset targets
+about 20 minutes on 2 cores, `--quick` about 3 minutes (it is what the end-to-end test runs).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, Callable
 
 import click
+
+from pipelines.common import set_threads
+from pipelines.config import DEFAULT_CONFIG, load_config
 
 
 @dataclass(frozen=True)
@@ -37,13 +46,49 @@ class DemoConfig:
     eval_prompts: int = field(default=256, metadata={"help": "held-out prompts per evaluation"})
     jobs: int = field(default=2, metadata={"help": "processes in parallel (warm starts, RL runs), one thread each"})
 
+    def __post_init__(self) -> None:
+        if not self.policies:
+            raise ValueError("DemoConfig.policies is empty; name at least one policy, e.g. ('tiny-s',)")
+        for name in ("bench_prompts", "build_steps", "build_rollouts_per_step", "build_group_size", "rl_budget",
+                     "rl_rollouts_per_step", "eval_prompts", "jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.v0_minutes > 0:
+            raise ValueError(f"DemoConfig.v0_minutes must be > 0, got {self.v0_minutes}")
+
 
 QUICK = DemoConfig(bench_prompts=20_000, policies=("tiny-s",), warm_start_steps=1200, build_steps=3,
                    build_rollouts_per_step=512, v0_minutes=0.5, v0_steps=10, rl_policy="tiny-s",
                    rl_budget=64 * 2, rl_rollouts_per_step=64, eval_every=1, eval_prompts=16, jobs=1)
 
+# the demo's comparison: V0.5 vs GRPO-16 vs DAPO (the main experiment's other variants stay for `v05 experiment`)
+RL_VARIANTS = ("v05", "grpo16", "dapo")
 
-def _stage(out: Path, name: str, fn, *, force: bool) -> None:
+
+@dataclass(frozen=True)
+class DemoRun:
+    """What every stage needs: the output folder, the sizes, the seed and the torch threads."""
+
+    out: Path
+    cfg: DemoConfig
+    seed: int = 0
+    threads: int | None = None
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store"
+
+    @property
+    def v0_checkpoint(self) -> Path:
+        return self.out / "v0" / "v0.pt"
+
+    def policy_refs(self) -> dict[str, str]:
+        """Family name -> what the later stages pass as the policy (written by the policies stage)."""
+        return json.loads((self.out / "policies" / "policies.json").read_text())
+
+
+def stage(out: Path, name: str, fn: Callable[[Path], Any], *, force: bool) -> None:
+    """Run `fn(out / name)` unless its `DONE` marker exists (or `force`); write the marker last."""
     stage_dir = out / name
     done = stage_dir / "DONE"
     if done.exists() and not force:
@@ -58,126 +103,136 @@ def _stage(out: Path, name: str, fn, *, force: bool) -> None:
     click.echo(f"[demo] {name}: done in {secs:.0f} s")
 
 
-def _policy_ref(name: str, cfg: DemoConfig) -> str:
+# ====================================================================================== policies
+
+
+def warm_start_overrides(cfg: DemoConfig) -> dict[str, int] | None:
+    """The warm-start recipe change of this preset (None: the family's own recipe)."""
+    return None if cfg.warm_start_steps is None else {"steps": cfg.warm_start_steps}
+
+
+def warm_start(name: str, overrides: dict[str, int] | None) -> str:
+    """Build (or find cached) one warm-started policy with one torch thread; runs in a fresh process."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported in this process
+    import torch
+
+    torch.set_num_threads(1)
+    from v05_rl.policies import ensure_policy
+
+    return str(ensure_policy(name, progress=False, overrides=overrides))
+
+
+def warm_start_parallel(names: list[str], cfg: DemoConfig, jobs: int) -> None:
+    """Build (or find cached) warm-started policies, `jobs` processes at a time with one thread each.
+
+    Warm starts dominate a fresh demo; separate processes use the cores far better than torch's
+    intra-op threads do for models this small. Each policy gets a fresh (spawned) process.
+    """
+    order = sorted(names, key=lambda n: {"tiny-l": 0, "tiny-m": 1}.get(n, 2))  # largest first: it takes longest
+    failed = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = {}
+        for name in order:
+            click.echo(f"[demo] warm start {name} ...")
+            futures[name] = pool.submit(warm_start, name, warm_start_overrides(cfg))
+        for name, future in futures.items():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - any failure of a child is reported with its policy
+                print(f"[demo] warm start {name} failed: {exc!r}", file=sys.stderr)
+                failed.append(name)
+    if failed:
+        raise RuntimeError(f"warm start failed for {failed}")
+
+
+def policy_ref(name: str, cfg: DemoConfig) -> str:
     """A family name, or the path of a member with a shortened warm start (a separate cache entry)."""
     if cfg.warm_start_steps is None:
         return name
     from v05_rl.policies import ensure_policy
 
-    return str(ensure_policy(name, overrides={"steps": cfg.warm_start_steps}))
+    return str(ensure_policy(name, overrides=warm_start_overrides(cfg)))
 
 
-def _warm_start_parallel(names: list[str], cfg: DemoConfig, jobs: int) -> None:
-    """Build (or find cached) warm-started policies, `jobs` processes at a time with one thread each.
+# ====================================================================================== stages
 
-    Warm starts dominate a fresh demo; separate processes use the cores far better than torch's
-    intra-op threads do for models this small.
-    """
-    import os
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
 
-    overrides = {} if cfg.warm_start_steps is None else {"steps": cfg.warm_start_steps}
-    code = "import sys, json, torch; torch.set_num_threads(1); from v05_rl.policies import ensure_policy; " \
-           "ensure_policy(sys.argv[1], progress=False, overrides=json.loads(sys.argv[2]) or None)"
+def estimator_stage(run: DemoRun, stage_dir: Path) -> None:
+    from pipelines.bench.estimator import BenchConfig, bench_estimator
 
-    def build(name: str) -> int:
-        click.echo(f"[demo] warm start {name} ...")
-        return subprocess.call([sys.executable, "-c", code, name, json.dumps(overrides)],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    bench_estimator(BenchConfig(prompts=run.cfg.bench_prompts, seed=run.seed), stage_dir)
 
-    # Largest first, so the longest build starts at once.
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = list(pool.map(build, sorted(names, key=lambda n: {"tiny-l": 0, "tiny-m": 1}.get(n, 2))))
-    if any(codes):
-        raise click.ClickException(f"warm start failed for {[n for n, c in zip(names, codes) if c]}")
+
+def policies_stage(run: DemoRun, stage_dir: Path) -> None:
+    names = list(dict.fromkeys((*run.cfg.policies, run.cfg.rl_policy)))
+    warm_start_parallel(names, run.cfg, jobs=max(1, run.cfg.jobs))
+    refs = {name: policy_ref(name, run.cfg) for name in names}
+    (stage_dir / "policies.json").write_text(json.dumps(refs, indent=2))
+
+
+def build_stage(run: DemoRun, stage_dir: Path) -> None:
+    from pipelines.build_data import BuildDataConfig, build_data
+    from v05_rl.engine.config import TrainConfig
+
+    cfg = run.cfg
+    policies = tuple(run.policy_refs()[p] for p in cfg.policies)
+    bcfg = load_config(BuildDataConfig, "build_data", DEFAULT_CONFIG,
+                       {"policies": policies, "steps": cfg.build_steps, "seed": run.seed})
+    base = load_config(TrainConfig, "rl", DEFAULT_CONFIG, {"rollouts_per_step": cfg.build_rollouts_per_step,
+                                                           "group_size": cfg.build_group_size, "evaluation.every": 0},
+                       override_source="--set")
+    set_threads(run.threads)
+    build_data(bcfg, base, run.store, stage_dir)
+
+
+def v0_stage(run: DemoRun, stage_dir: Path) -> None:
+    from pipelines.pretrain_v0 import pretrain_v0
+
+    pretrain_v0(run.v0_checkpoint, store=str(run.store), max_minutes=run.cfg.v0_minutes, max_steps=run.cfg.v0_steps,
+                seed=run.seed, threads=run.threads or None)
+
+
+def rl_stage(run: DemoRun, stage_dir: Path) -> None:
+    from pipelines.experiment import load_experiment, plan_runs, run_experiment
+
+    cfg = run.cfg
+    source, data = load_experiment("main")
+    overrides = {"policy": run.policy_refs()[cfg.rl_policy], "rollout_budget": cfg.rl_budget,
+                 "rollouts_per_step": cfg.rl_rollouts_per_step, "evaluation.every": cfg.eval_every,
+                 "evaluation.prompts": cfg.eval_prompts, "steps": 10_000}
+    specs = plan_runs(data, stage_dir, seeds=[run.seed], only=list(RL_VARIANTS), overrides=overrides,
+                      v0_checkpoint=str(run.v0_checkpoint), source=source)
+    failed = [(s, rc) for s, rc, _ in run_experiment(specs, cfg.jobs) if rc != 0]
+    if failed:
+        raise RuntimeError("RL run(s) failed: " + ", ".join(f"{s.variant} (log {s.out / 'stdout.log'})" for s, _ in failed))
+
+
+def report_stage(run: DemoRun, stage_dir: Path) -> None:
+    from pipelines.report import write_report
+
+    images = sorted((run.out / "v0").glob("**/*.png")) + [run.out / "estimator-bench" / "estimator_bench.png"]
+    write_report([run.out / "rl"], stage_dir, title="v05 demo: V0.5 vs GRPO-16 vs DAPO on the embedded arith world",
+                 extra_images=images)
+
+
+STAGES: tuple[tuple[str, Callable[[DemoRun, Path], None]], ...] = (
+    ("estimator-bench", estimator_stage),
+    ("policies", policies_stage),
+    ("build-data", build_stage),
+    ("v0", v0_stage),
+    ("rl", rl_stage),
+    ("report", report_stage),  # always redone: it is cheap and reads whatever the runs left
+)
 
 
 def run_demo(out: Path, cfg: DemoConfig, *, seed: int = 0, force: bool = False, threads: int | None = None) -> Path:
     """Run every stage; returns the path of the final report."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    store = out / "store"
-    v0_ckpt = out / "v0" / "v0.pt"
-    threads_args = ["--threads", str(threads)] if threads else []
-
-    def estimator_stage(stage_dir: Path) -> None:
-        from pipelines.bench_estimator import estimator
-
-        estimator.main(["--seed", str(seed), "--prompts", str(cfg.bench_prompts), "--out", str(stage_dir)],
-                       standalone_mode=False)
-
-    def policies_stage(stage_dir: Path) -> None:
-        names = list(dict.fromkeys((*cfg.policies, cfg.rl_policy)))
-        _warm_start_parallel(names, cfg, jobs=max(1, cfg.jobs))
-        refs = {name: _policy_ref(name, cfg) for name in names}
-        (stage_dir / "policies.json").write_text(json.dumps(refs, indent=2))
-
-    def refs() -> dict[str, str]:
-        return json.loads((out / "policies" / "policies.json").read_text())
-
-    def build_stage(stage_dir: Path) -> None:
-        from pipelines.cli_rl import build_data
-
-        policies = ",".join(refs()[p] for p in cfg.policies)
-        build_data.main(["--store", str(store), "--out", str(stage_dir), "--policies", policies,
-                         "--steps", str(cfg.build_steps), "--seed", str(seed),
-                         "--set", f"rollouts_per_step={cfg.build_rollouts_per_step}", "--set", f"group_size={cfg.build_group_size}",
-                         "--set", "eval_every=0",
-                         *threads_args], standalone_mode=False)
-
-    def v0_stage(stage_dir: Path) -> None:
-        from pipelines.cli_v0 import pretrain_v0
-
-        args = ["--store", str(store), "--out", str(v0_ckpt), "--max-minutes", str(cfg.v0_minutes), "--seed", str(seed)]
-        if cfg.v0_steps is not None:
-            args += ["--max-steps", str(cfg.v0_steps)]
-        pretrain_v0.main(args + threads_args, standalone_mode=False)
-
-    def rl_stage(stage_dir: Path) -> None:
-        from pipelines.experiment import load_experiment, plan_runs, run_experiment
-
-        source, data = load_experiment("main")
-        overrides = {"policy": refs()[cfg.rl_policy], "rollout_budget": cfg.rl_budget,
-                     "rollouts_per_step": cfg.rl_rollouts_per_step, "eval_every": cfg.eval_every,
-                     "eval_prompts": cfg.eval_prompts, "steps": 10_000}
-        # the demo's comparison: V0.5 vs GRPO-16 vs DAPO (the experiment's other variants stay for `v05 experiment`)
-        specs = plan_runs(data, stage_dir, seeds=[seed], only=["v05", "grpo16", "dapo"], overrides=overrides,
-                          v0_checkpoint=str(v0_ckpt), source=source)
-        failed = [(s, rc) for s, rc, _ in run_experiment(specs, cfg.jobs) if rc != 0]
-        if failed:
-            raise click.ClickException("RL run(s) failed: " + ", ".join(f"{s.variant} (log {s.out / 'stdout.log'})" for s, _ in failed))
-
-    def report_stage(stage_dir: Path) -> None:
-        from pipelines.report import write_report
-
-        images = sorted((out / "v0").glob("**/*.png")) + [out / "estimator-bench" / "estimator_bench.png"]
-        write_report([out / "rl"], stage_dir, title="v05 demo: V0.5 vs GRPO-16 vs DAPO on the embedded arith world",
-                     extra_images=images)
-
-    _stage(out, "estimator-bench", estimator_stage, force=force)
-    _stage(out, "policies", policies_stage, force=force)
-    _stage(out, "build-data", build_stage, force=force)
-    _stage(out, "v0", v0_stage, force=force)
-    _stage(out, "rl", rl_stage, force=force)
-    _stage(out, "report", report_stage, force=True)
+    run = DemoRun(out, cfg, seed, threads)
+    for name, fn in STAGES:
+        stage(out, name, lambda stage_dir, fn=fn: fn(run, stage_dir), force=force or name == "report")
     return out / "report" / "report.md"
 
 
-@click.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
-              show_default=True, help="Folder for every stage's outputs; reused to resume.")
-@click.option("--quick", is_flag=True, help="Smallest sizes everywhere (~3 min; used by the end-to-end test).")
-@click.option("--force", is_flag=True, help="Redo stages that already finished.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every stage.")
-@click.option("--jobs", type=int, default=None, help="Processes in parallel for warm starts and RL runs (default: 2, quick: 1).")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads of the in-process stages (tiny models run best on one).")
-def demo(out: Path, quick: bool, force: bool, seed: int, jobs: int | None, threads: int | None) -> None:
-    """Run the main job on the embedded default: stage 1 (build-data, V0) -> stage 2 (V0.5 vs GRPO vs DAPO) -> report."""
-    cfg = QUICK if quick else DemoConfig()
-    if jobs:
-        cfg = replace(cfg, jobs=jobs)
-    t0 = time.perf_counter()
-    md = run_demo(out, cfg, seed=seed, force=force, threads=threads)
-    click.echo(f"[demo] finished in {time.perf_counter() - t0:.0f} s; report: {md}")
+__all__ = ["QUICK", "RL_VARIANTS", "STAGES", "DemoConfig", "DemoRun", "run_demo"]

@@ -1,16 +1,18 @@
-"""`v05 experiment NAME`: named grids of `v05 rl-train` runs from YAML, over several seeds.
+"""Recipe of `v05 experiment NAME`: named grids of `v05 rl-train` runs from YAML, over several seeds.
 
 An experiment file (`pipelines/configs/experiments/<name>.yaml`, or any path) holds:
 
     description: what the grid answers
     config: tiny.yaml                 # base rl-train config (relative to pipelines/configs or absolute)
     seeds: [0, 1, 2]
-    common: {rollout_budget: 20000}   # TrainConfig fields applied to every run
+    common: {rollout_budget: 20000}   # TrainConfig settings applied to every run
     variants:
-      v05:    {algorithm: v05, prior: v0}
-      grpo16: {algorithm: grpo, group_size: 16}
+      v05:      {algorithm: v05, prior: v0}
+      v05-c001: {algorithm: v05, prior: v0, osla: {c: 0.001}}   # nested sections as in the config file
+      grpo16:   {algorithm: grpo, group_size: 16}
 
-Each (variant, seed) runs as `v05 rl-train` in its own process into `OUT/<variant>/seed<k>/`, and a
+Settings are merged as dotted keys (`osla.c`), common < variant < `--set`, and handed to each run as
+`--set KEY=VALUE`. Each (variant, seed) runs as `v05 rl-train` in its own process into `OUT/<variant>/seed<k>/`, and a
 `DONE` marker is written only when it finished; rerunning the experiment skips finished runs and resumes
 interrupted ones from their last checkpoint. `--jobs N` runs N processes at once, splitting the cores.
 """
@@ -29,9 +31,11 @@ from typing import Any, Sequence
 import click
 import yaml
 
-from pipelines.config import CONFIG_DIR
+from pipelines.common import OptionError
+from pipelines.config import CONFIG_DIR, flatten, warn_deprecated
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiments"
+V0_CHECKPOINT_KEY = "prior_options.v0_checkpoint"  # where a variant with prior v0 names its checkpoint
 
 
 @dataclass(frozen=True)
@@ -55,47 +59,68 @@ class RunSpec:
 
 
 def experiment_names() -> list[str]:
+    """The experiments shipped in `pipelines/configs/experiments/`."""
     return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
 
 
 def load_experiment(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """(file, its mapping) of a named experiment or a YAML path; unknown top-level keys are refused."""
     path = Path(name_or_path)
     if not path.exists():
         path = EXPERIMENT_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        raise click.ClickException(f"no experiment {name_or_path!r}; named ones: {', '.join(experiment_names())}, or pass a YAML path")
+        raise ValueError(f"no experiment {name_or_path!r}; named ones: {', '.join(experiment_names())}, or pass a YAML path")
     data = yaml.safe_load(path.read_text()) or {}
-    for key in ("variants",):
-        if key not in data:
-            raise click.ClickException(f"{path}: missing top-level key {key!r} (see `v05 experiment --help`)")
+    if "variants" not in data:
+        raise ValueError(f"{path}: missing top-level key 'variants' (see `v05 experiment --help`)")
     unknown = set(data) - {"description", "config", "seeds", "common", "variants"}
     if unknown:
-        raise click.ClickException(f"{path}: unknown keys {sorted(unknown)}; allowed: description, config, seeds, common, variants")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: description, config, seeds, common, variants")
     return path, data
+
+
+def variant_settings(data: dict[str, Any], variant: str, overrides: dict[str, Any], source: Path) -> dict[str, Any]:
+    """`common`, then the variant's own settings, then `overrides`, as dotted TrainConfig keys (later win).
+
+    Nested mappings (`osla: {c: 0.01}`) and legacy flat keys (`osla_c`, one deprecation line each) are
+    accepted; unknown keys fail naming the file and the variant.
+    """
+    from v05_rl.engine.config import TrainConfig
+
+    deprecated: list[tuple[str, str, str]] = []
+    merged: dict[str, Any] = {}
+    layers = ((f"{source} [common]", data.get("common") or {}),
+              (f"{source} [variants.{variant}]", data["variants"][variant] or {}),
+              ("--set", overrides))
+    for where, values in layers:
+        merged.update(flatten(TrainConfig, values, where=where, deprecated=deprecated))
+    warn_deprecated(deprecated)
+    return merged
 
 
 def plan_runs(data: dict[str, Any], out: Path, *, seeds: Sequence[int] | None, only: Sequence[str],
               overrides: dict[str, Any], v0_checkpoint: str | None, source: Path) -> list[RunSpec]:
+    """One `RunSpec` per (selected variant, seed); a variant with prior v0 gets the V0 checkpoint."""
     config = Path(data.get("config", "tiny.yaml"))
     if not config.is_absolute():
         config = CONFIG_DIR / config
     seeds = list(seeds) if seeds else list(data.get("seeds", [0]))
     specs = []
-    for variant, settings in data["variants"].items():
+    for variant in data["variants"]:
         if only and variant not in only:
             continue
-        merged = {**(data.get("common") or {}), **(settings or {}), **overrides}
+        merged = variant_settings(data, variant, overrides, source)
         if merged.get("prior") == "v0":
-            ckpt = merged.get("v0_checkpoint") or v0_checkpoint
+            ckpt = merged.get(V0_CHECKPOINT_KEY) or v0_checkpoint
             if not ckpt:
-                raise click.ClickException(
+                raise ValueError(
                     f"{source}: variant {variant!r} uses prior v0; pass --v0-checkpoint PATH "
                     "(made by `v05 pretrain-v0`, or by `v05 demo` under runs/demo/v0/)")
-            merged["v0_checkpoint"] = str(Path(ckpt).resolve())
+            merged[V0_CHECKPOINT_KEY] = str(Path(ckpt).resolve())
         for seed in seeds:
             specs.append(RunSpec(variant, int(seed), config, merged, out / variant / f"seed{seed}"))
     if not specs:
-        raise click.ClickException(f"{source}: no runs selected (variants: {', '.join(data['variants'])})")
+        raise ValueError(f"{source}: no runs selected (variants: {', '.join(data['variants'])})")
     return specs
 
 
@@ -128,32 +153,24 @@ def run_experiment(specs: Sequence[RunSpec], jobs: int, cores: int | None = None
     return results
 
 
-@click.command()
-@click.argument("name")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Results folder (default: results/<NAME>); reused to skip finished runs and resume others.")
-@click.option("--seeds", default=None, help="Comma-separated seeds, overriding the file's list, e.g. 0,1,2.")
-@click.option("--only", default="", help="Comma-separated variants to run (default: all).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field in every run.")
-@click.option("--v0-checkpoint", default=None, type=click.Path(dir_okay=False), help="V0 checkpoint for variants with prior v0.")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Runs in parallel processes (cores are split between them).")
-@click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report after the runs.")
-@click.option("--dry-run", is_flag=True, help="Print the commands and exit.")
-def experiment(name, out, seeds, only, sets, v0_checkpoint, jobs, report, dry_run) -> None:
-    """Run the experiment grid NAME (main, sparse, prior-quality, cost, or a YAML path)."""
-    from pipelines.config import parse_set
+def experiment(name: str, out: Path | None = None, *, seeds: Sequence[int] | None = None, only: Sequence[str] = (),
+               overrides: dict[str, Any] | None = None, v0_checkpoint: str | None = None, jobs: int = 1,
+               report: bool = True, dry_run: bool = False) -> list[tuple[RunSpec, int, float]]:
+    """Run the grid `name` into `out` (default results/<name>), then its report; returns (spec, rc, seconds).
 
+    `dry_run` prints the commands and runs nothing. Failed runs are listed in a `RuntimeError` after the
+    report is written.
+    """
     source, data = load_experiment(name)
     out = out or Path("results") / source.stem
-    specs = plan_runs(data, out, seeds=[int(s) for s in seeds.split(",")] if seeds else None,
-                      only=[s for s in only.split(",") if s], overrides=parse_set(sets),
-                      v0_checkpoint=v0_checkpoint, source=source)
+    specs = plan_runs(data, out, seeds=seeds, only=only, overrides=overrides or {}, v0_checkpoint=v0_checkpoint,
+                      source=source)
     if dry_run:
         for spec in specs:
             click.echo(" ".join(spec.command(1, False)))
-        return
+        return []
     if jobs < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--jobs")
+        raise OptionError("must be >= 1", "--jobs")
     click.echo(f"{source.stem}: {len(specs)} runs -> {out}" + (f" ({data['description']})" if data.get("description") else ""))
     results = run_experiment(specs, jobs)
     failed = [(s, rc) for s, rc, _ in results if rc != 0]
@@ -164,4 +181,5 @@ def experiment(name, out, seeds, only, sets, v0_checkpoint, jobs, report, dry_ru
         click.echo(f"report: {md}")
     if failed:
         lines = "\n".join(f"  {s.variant}/seed{s.seed}: rc={rc}, log {s.out / 'stdout.log'}" for s, rc in failed)
-        raise click.ClickException(f"{len(failed)} run(s) failed:\n{lines}")
+        raise RuntimeError(f"{len(failed)} run(s) failed:\n{lines}")
+    return results

@@ -1,4 +1,4 @@
-"""`v05 report RUN_DIR...`: markdown + PNG figures from the logged metrics of RL runs.
+"""Recipe of `v05 report RUN_DIR...`: markdown + PNG figures from the logged metrics of RL runs.
 
 A run directory is one `v05 rl-train --out` folder (it holds `metrics.jsonl` and `config.yaml`/`config.json`).
 An experiment directory holds run directories as `<variant>/seed<k>/`. Runs of the same variant are
@@ -12,9 +12,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import click
 import numpy as np
 
 EVAL_KEYS = ("mean_at_k", "accuracy", "mean@k")
@@ -62,7 +61,7 @@ class Run:
 def read_run(path: Path, variant: str | None = None) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.exists():
-        raise click.ClickException(f"{path}: no metrics.jsonl; pass a `v05 rl-train --out` folder or an experiment folder")
+        raise ValueError(f"{path}: no metrics.jsonl; pass a `v05 rl-train --out` folder or an experiment folder")
     run = Run(path=path, variant=variant or _variant_name(path))
     with open(metrics) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -75,7 +74,7 @@ def read_run(path: Path, variant: str | None = None) -> Run:
                 # A run killed mid-write may leave a torn last line; anything earlier is corruption.
                 if fh.readline() == "":
                     break
-                raise click.ClickException(f"{metrics}:{lineno}: not valid JSON ({exc.msg}); delete or repair the line") from None
+                raise ValueError(f"{metrics}:{lineno}: not valid JSON ({exc.msg}); delete or repair the line") from None
             kind = rec.get("kind", "train")
             (run.evals if kind == "eval" else run.train).append(rec)
     return run
@@ -97,7 +96,7 @@ def discover_runs(dirs: Sequence[Path]) -> list[Run]:
             continue
         found = sorted(p.parent for p in d.glob("**/metrics.jsonl"))
         if not found:
-            raise click.ClickException(f"{d}: no run found (no metrics.jsonl below it)")
+            raise ValueError(f"{d}: no run found (no metrics.jsonl below it)")
         runs.extend(read_run(p) for p in found)
     return runs
 
@@ -174,49 +173,36 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def plot_all(groups: dict[str, list[Run]], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def curves_figure(groups: dict[str, list[Run]], path: Path, title: str, ylabel: str, xlabel: str,
+                  get: Callable[[Run], tuple[np.ndarray, np.ndarray]]) -> bool:
+    """One PNG of per-variant mean curves with a ±1 std band; False (nothing written) when no curve has points."""
     import matplotlib.pyplot as plt
 
-    written = []
-
-    def curves_fig(name: str, title: str, ylabel: str, xlabel: str, get) -> None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        drawn = False
-        for variant, runs in groups.items():
-            grid, mean, std = mean_band([get(r) for r in runs])
-            if len(grid) == 0:
-                continue
-            drawn = True
-            line, = ax.plot(grid, mean, label=f"{variant} (n={len(runs)})")
-            ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        if not drawn:
-            plt.close(fig)
-            return
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for variant, runs in groups.items():
+        grid, mean, std = mean_band([get(r) for r in runs])
+        if len(grid) == 0:
+            continue
+        drawn = True
+        line, = ax.plot(grid, mean, label=f"{variant} (n={len(runs)})")
+        ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if not drawn:
         plt.close(fig)
-        written.append(name)
+        return False
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
-    curves_fig("accuracy_vs_rollouts.png", "Held-out accuracy vs rollouts consumed", "mean@k accuracy",
-               "rollouts generated", lambda r: r.eval_curve("rollouts_used"))
-    curves_fig("accuracy_vs_steps.png", "Held-out accuracy vs training steps", "mean@k accuracy", "step",
-               lambda r: r.eval_curve("step"))
-    curves_fig("grad_norm.png", "Policy-gradient norm (before clipping)", "grad norm", "step",
-               lambda r: r.train_series("grad_norm"))
-    curves_fig("entropy.png", "Policy entropy", "entropy (nats/token)", "step", lambda r: r.train_series("entropy"))
-    curves_fig("prior_rejection.png", "Share of prompts whose prior the test rejected (Δ̂² > 0)", "rejection rate",
-               "step", lambda r: r.train_series("prior_reject"))
-    curves_fig("k_mean.png", "Mean rollouts per prompt", "k", "step", lambda r: r.train_series("k_mean"))
 
-    # Distribution of k per prompt, pooled over steps and seeds (from per-step `k_hist` counts).
+def k_histograms(groups: dict[str, list[Run]]) -> dict[str, dict[int, int]]:
+    """variant -> {k: prompts}, pooled over steps and seeds from the per-step `k_hist` counts."""
     hists = {}
     for variant, runs in groups.items():
         total: dict[int, int] = {}
@@ -226,20 +212,53 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[str]:
                     total[int(k)] = total.get(int(k), 0) + int(c)
         if total:
             hists[variant] = total
+    return hists
+
+
+def k_distribution_figure(hists: dict[str, dict[int, int]], path: Path) -> None:
+    """Bars of the share of prompts per rollout count k, one colour per variant."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    width = 0.8 / len(hists)
+    for i, (variant, total) in enumerate(hists.items()):
+        ks = np.array(sorted(total))
+        counts = np.array([total[k] for k in ks], dtype=float)
+        ax.bar(ks + i * width, counts / counts.sum(), width=width, label=variant)
+    ax.set_xlabel("rollouts per prompt k")
+    ax.set_ylabel("share of prompts")
+    ax.set_title("Distribution of k per prompt")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# file name, title, y label, x label, the series of a run
+CURVES: tuple[tuple[str, str, str, str, Callable[[Run], tuple[np.ndarray, np.ndarray]]], ...] = (
+    ("accuracy_vs_rollouts.png", "Held-out accuracy vs rollouts consumed", "mean@k accuracy", "rollouts generated",
+     lambda r: r.eval_curve("rollouts_used")),
+    ("accuracy_vs_steps.png", "Held-out accuracy vs training steps", "mean@k accuracy", "step",
+     lambda r: r.eval_curve("step")),
+    ("grad_norm.png", "Policy-gradient norm (before clipping)", "grad norm", "step",
+     lambda r: r.train_series("grad_norm")),
+    ("entropy.png", "Policy entropy", "entropy (nats/token)", "step", lambda r: r.train_series("entropy")),
+    ("prior_rejection.png", "Share of prompts whose prior the test rejected (Δ̂² > 0)", "rejection rate", "step",
+     lambda r: r.train_series("prior_reject")),
+    ("k_mean.png", "Mean rollouts per prompt", "k", "step", lambda r: r.train_series("k_mean")),
+)
+
+
+def plot_all(groups: dict[str, list[Run]], out: Path) -> list[str]:
+    """Every figure of the report into `out`; returns the names of the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    written = [name for name, title, ylabel, xlabel, get in CURVES
+               if curves_figure(groups, out / name, title, ylabel, xlabel, get)]
+    hists = k_histograms(groups)
     if hists:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        width = 0.8 / len(hists)
-        for i, (variant, total) in enumerate(hists.items()):
-            ks = np.array(sorted(total))
-            counts = np.array([total[k] for k in ks], dtype=float)
-            ax.bar(ks + i * width, counts / counts.sum(), width=width, label=variant)
-        ax.set_xlabel("rollouts per prompt k")
-        ax.set_ylabel("share of prompts")
-        ax.set_title("Distribution of k per prompt")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "k_distribution.png", dpi=110)
-        plt.close(fig)
+        k_distribution_figure(hists, out / "k_distribution.png")
         written.append("k_distribution.png")
     return written
 
@@ -281,19 +300,3 @@ def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 repo
     md.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps({"rows": rows, "reference": ref, "figures": figures}, indent=2))
     return md
-
-
-@click.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where report.md, summary.json and the PNGs go (default: the first RUN_DIR/report).")
-@click.option("--title", default="V0.5 report", show_default=True, help="Title of the markdown report.")
-@click.option("--reference", default=None,
-              help="Variant whose final accuracy the others must reach (default: the first variant named grpo*).")
-@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Extra PNG to include, e.g. a V0 calibration plot (repeatable).")
-def report(run_dirs: tuple[Path, ...], out: Path | None, title: str, reference: str | None, images: tuple[Path, ...]) -> None:
-    """Render a markdown report with plots from RUN_DIR... (runs or experiment folders)."""
-    out = out or (run_dirs[0] / "report")
-    md = write_report(run_dirs, out, title=title, reference=reference, extra_images=images)
-    click.echo(f"report written to {md}")

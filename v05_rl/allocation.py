@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from v05_rl.estimators import FUSION_METHODS, _fuse, _is_torch
+from v05_rl.estimators import FUSION_METHODS, fuse, is_torch
 
 Array = Any  # np.ndarray | torch.Tensor
 
@@ -110,7 +110,7 @@ def target_k(delta2: Any, c: float, noise: Any = 1.0) -> Array:
     """
     if not 0 < c < 1:
         raise ValueError(f"c: expected a cost in (0, 1), got {c!r}")
-    if _is_torch(delta2):
+    if is_torch(delta2):
         import torch
 
         noise_t = torch.as_tensor(noise, dtype=delta2.dtype, device=delta2.device)
@@ -127,7 +127,7 @@ def target_k(delta2: Any, c: float, noise: Any = 1.0) -> Array:
 
 
 def _as_numpy(x: Any, name: str) -> np.ndarray:
-    if _is_torch(x):
+    if is_torch(x):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.ndim != 1:
@@ -172,7 +172,7 @@ def plan_round(counts: Any, sums: Any, priors: Any, cfg: OslaConfig = OslaConfig
         i = int(np.flatnonzero(k > cap)[0])
         raise ValueError(f"counts: prompt {i} already has {k[i]} rollouts, above the cap k_max={cap}")
     extra = _plan(k, s, v, cfg, cap)
-    if _is_torch(ref):
+    if is_torch(ref):
         import torch
 
         return torch.as_tensor(extra, dtype=torch.long, device=ref.device)
@@ -185,7 +185,7 @@ def _plan(k: np.ndarray, s: np.ndarray, v: np.ndarray, cfg: OslaConfig, cap: int
         return np.maximum(cfg.k_init - k, 0).astype(np.int64)
     mean = s / k  # [P]
     kf = k.astype(np.float64)
-    fz = _fuse(mean, kf, v, FUSION_METHODS.get(cfg.method))
+    fz = fuse(mean, kf, v, method=cfg.method)
     no_prior = np.isnan(v)
     delta2 = np.where(no_prior, np.inf, fz.delta2)  # [P]
     target = target_k(delta2, cfg.c, fz.noise)  # [P]

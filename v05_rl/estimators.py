@@ -82,17 +82,17 @@ EB_ITERATIONS = 2
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_torch(x: Any) -> bool:
+def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _xp(x: Any):
-    return torch if _is_torch(x) else np
+    return torch if is_torch(x) else np
 
 
 def _float_like(x: Array) -> Array:
     """`x` as a floating array of its own backend (int → float64 numpy / float32 torch)."""
-    if _is_torch(x):
+    if is_torch(x):
         return x if x.is_floating_point() else x.to(torch.get_default_dtype())
     x = np.asarray(x)
     return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
@@ -100,11 +100,11 @@ def _float_like(x: Array) -> Array:
 
 def _like(x: Any, ref: Array, *, name: str) -> Array:
     """Convert `x` (list, numpy, torch, scalar) to the backend, dtype and device of `ref`."""
-    if _is_torch(ref):
-        if _is_torch(x):
+    if is_torch(ref):
+        if is_torch(x):
             return x.to(device=ref.device, dtype=ref.dtype)
         return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=ref.dtype, device=ref.device)
-    if _is_torch(x):
+    if is_torch(x):
         x = x.detach().cpu().numpy()
     try:
         return np.asarray(x, dtype=ref.dtype)
@@ -114,11 +114,11 @@ def _like(x: Any, ref: Array, *, name: str) -> Array:
 
 def _index_like(idx: Any, ref: Array) -> Array:
     """Group index as int64 on the backend/device of `ref`."""
-    if _is_torch(ref):
-        if _is_torch(idx):
+    if is_torch(ref):
+        if is_torch(idx):
             return idx.to(device=ref.device, dtype=torch.long)
         return torch.as_tensor(np.asarray(idx), dtype=torch.long, device=ref.device)
-    if _is_torch(idx):
+    if is_torch(idx):
         idx = idx.detach().cpu().numpy()
     return np.asarray(idx)
 
@@ -138,14 +138,14 @@ def _any(mask: Array) -> bool:
 
 
 def _first(mask: Array) -> int:
-    if _is_torch(mask):
+    if is_torch(mask):
         return int(torch.nonzero(mask)[0, 0])
     return int(np.flatnonzero(mask)[0])
 
 
 def _group_sum(values: Array, index: Array, num_groups: int) -> Array:
     """Σ values per group.  Shapes: values (N,), index (N,) → (G,)."""
-    if _is_torch(values):
+    if is_torch(values):
         out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
         return out.index_add_(0, index, values)
     return np.bincount(index, weights=values, minlength=num_groups).astype(values.dtype, copy=False)
@@ -153,7 +153,7 @@ def _group_sum(values: Array, index: Array, num_groups: int) -> Array:
 
 def _group_count(index: Array, num_groups: int, ref: Array) -> Array:
     """Number of rollouts per group, as floats of `ref`'s dtype.  Shape: (G,)."""
-    if _is_torch(ref):
+    if is_torch(ref):
         return torch.bincount(index, minlength=num_groups).to(ref.dtype)
     return np.bincount(index, minlength=num_groups).astype(ref.dtype, copy=False)
 
@@ -165,7 +165,7 @@ def _group_count(index: Array, num_groups: int, ref: Array) -> Array:
 
 def _check_rewards(rewards: Any) -> Array:
     """Rewards as a float 1-D array; every entry must be exactly -1 or +1."""
-    if not _is_torch(rewards):
+    if not is_torch(rewards):
         rewards = np.asarray(rewards)
         if rewards.dtype == object or not np.issubdtype(rewards.dtype, np.number):
             raise ValueError(f"rewards: expected a numeric array of ±1, got dtype {rewards.dtype}")
@@ -187,7 +187,7 @@ def _check_rewards(rewards: Any) -> Array:
 def _check_index(group_index: Any, rewards: Array, num_groups: int | None) -> tuple[Array, int]:
     """Validate the group index against `rewards`; return it (int64, rewards' backend) and G."""
     idx = _index_like(group_index, rewards)
-    if not _is_torch(idx) and not np.issubdtype(idx.dtype, np.integer):
+    if not is_torch(idx) and not np.issubdtype(idx.dtype, np.integer):
         if np.issubdtype(idx.dtype, np.floating) and np.all(np.isfinite(idx)) and np.all(idx == np.round(idx)):
             idx = idx.astype(np.int64)
         else:
@@ -348,7 +348,7 @@ def _fuse_empirical_bayes(mean: Array, k: Array, prior: Array) -> tuple[Array, A
     Reported: ŵ (relative to V''), noise ν = 4 m (1 - m) (Bernoulli variance at the prior) and
     Δ̂² = ν ŵ / (k (1 - ŵ)), so that ŵ = Δ̂²/(Δ̂² + ν/k) as in Eq. 8 (Δ̂² = ∞ where ŵ = 1).
     """
-    if _is_torch(mean):
+    if is_torch(mean):
         out = _eb_numpy(*(t.detach().cpu().double().numpy() for t in (mean, k, prior)))
         return tuple(torch.as_tensor(o, dtype=mean.dtype, device=mean.device) for o in out)  # type: ignore[return-value]
     return _eb_numpy(mean.astype(np.float64), k.astype(np.float64), prior.astype(np.float64))
@@ -416,7 +416,7 @@ def fusion_methods() -> list[str]:
 
 
 def _check_group_arrays(mean: Any, k: Any, prior: Any) -> tuple[Array, Array, Array]:
-    mean = _float_like(mean) if _is_torch(mean) else _float_like(np.asarray(mean, dtype=np.float64))
+    mean = _float_like(mean) if is_torch(mean) else _float_like(np.asarray(mean, dtype=np.float64))
     k = _like(k, mean, name="k")
     if mean.ndim == 0:
         mean, k = mean.reshape(1), k.reshape(1)
@@ -449,7 +449,7 @@ def _fuse(mean: Array, k: Array, prior: Array, fn: FusionFn) -> Fusion:
     has = ~xp.isnan(prior)  # [G]
     if bool(has.all()):
         return Fusion(*fn(mean, k, prior))
-    mu = mean.clone() if _is_torch(mean) else mean.copy()
+    mu = mean.clone() if is_torch(mean) else mean.copy()
     delta2 = xp.full_like(mean, float("nan"))
     noise, w = xp.ones_like(mean), xp.ones_like(mean)
     if _any(has):
@@ -637,6 +637,7 @@ def estimator_names() -> list[str]:
 
 
 __all__ = [
+    "is_torch",
     "DEFAULT_STD_FLOOR",
     "ESTIMATORS",
     "FUSION_METHODS",

@@ -75,10 +75,25 @@ def evaluate_policy(
         tokens += float(batch.n_tokens.sum())
         cut += sum(r == "length" for r in batch.finish_reason)
         total += len(batch)
+    return {
+        "mean_at_k": float(rates.mean()),
+        "k": k,
+        "n_prompts": n,
+        "per_prompt": {p.prompt_id: float(r) for p, r in zip(prompts, rates)},
+        "per_level": per_level_rates(prompts, rates),
+        "frac_in_0_1": float(((rates > 0) & (rates < 1)).mean()),
+        "mean_tokens": tokens / max(total, 1),
+        "frac_length": cut / max(total, 1),
+    }
+
+
+def per_level_rates(prompts: Sequence[Prompt], rates: np.ndarray) -> dict[Any, dict[str, float]]:
+    """{level (meta "level", else the dataset): {"n", "mean_at_k", "frac_in_0_1"}} in level order.
+    Shapes: rates (n,) success rate per prompt."""
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
         groups[p.meta.get("level", p.dataset)].append(i)
-    per_level = {
+    return {
         level: {
             "n": len(idx),
             "mean_at_k": float(rates[idx].mean()),
@@ -86,16 +101,6 @@ def evaluate_policy(
         }
         for level, idx in sorted(groups.items(), key=lambda kv: str(kv[0]).zfill(8))
     }
-    return {
-        "mean_at_k": float(rates.mean()),
-        "k": k,
-        "n_prompts": n,
-        "per_prompt": {p.prompt_id: float(r) for p, r in zip(prompts, rates)},
-        "per_level": per_level,
-        "frac_in_0_1": float(((rates > 0) & (rates < 1)).mean()),
-        "mean_tokens": tokens / max(total, 1),
-        "frac_length": cut / max(total, 1),
-    }
 
 
-__all__ = ["EVAL_SAMPLING", "evaluate_policy", "success_rates"]
+__all__ = ["EVAL_SAMPLING", "evaluate_policy", "per_level_rates", "success_rates"]

@@ -206,6 +206,17 @@ def expand_n_per_prompt(n_prompts: int, n_per_prompt: int | Sequence[int]) -> np
     return np.repeat(np.arange(n_prompts, dtype=np.int64), counts)
 
 
+def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded token ids and attention mask of a list of prompts. Shapes: -> (U, P), (U, P) long."""
+    P = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), P), pad_id, dtype=torch.long)  # [U, P]
+    mask = torch.zeros((len(token_lists), P), dtype=torch.long)  # [U, P]
+    for row, toks in enumerate(token_lists):
+        ids[row, P - len(toks) :] = torch.tensor(list(toks))
+        mask[row, P - len(toks) :] = 1
+    return ids, mask
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: cumsum(mask) - 1, clamped at 0. Shape: [B, L] -> [B, L]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
@@ -364,14 +375,8 @@ class HFBackend:
         device: torch.device,
     ) -> RolloutBatch:
         unique, inverse = np.unique(prompt_index, return_inverse=True)  # prefill each distinct prompt once
-        lengths = [len(token_lists[i]) for i in unique]
-        P = max(lengths)
-        ids = torch.full((len(unique), P), self.pad_id, dtype=torch.long)  # [U, P]
-        mask = torch.zeros((len(unique), P), dtype=torch.long)  # [U, P]
-        for row, (i, n) in enumerate(zip(unique, lengths)):
-            ids[row, P - n :] = torch.tensor(token_lists[i])
-            mask[row, P - n :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in left_pad([token_lists[i] for i in unique], self.pad_id))  # [U, P]
+        P = ids.shape[1]
         pos = positions_from_mask(mask)  # [U, P]
 
         from transformers import DynamicCache  # local: keep `import v05_rl.rollout` light

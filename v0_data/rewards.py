@@ -15,15 +15,18 @@ Scorers, chosen by data-source name from `REWARDS` (`score_batch` / `compute_sco
 Why worker processes. `math-verify` bounds each parse/compare with `signal.alarm`, which works only
 in the main thread of a process; inside a trainer (reward worker threads, Ray actors, async loops) it
 raises instead. The `math` scorer therefore sends chunks of responses to a small module-level pool of
-worker subprocesses (`TimeoutPool`, `min(4, CPUs)` workers, started on first use), each running
-math-verify in its own main thread so that the signal timeouts (`timeout_s` per parse/compare) work.
-On top of those, every chunk has a hard deadline counted from the moment a worker took it; a worker
-that misses it (stuck in C code, where signals do not reach) is killed and replaced, and its responses
-score -1 "timeout". A worker that crashes has its chunk retried once on a fresh worker. Workers are
-plain `python -c` subprocesses talking pickles over pipes, not multiprocessing children: the caller's
-`__main__` is never re-imported (no `if __name__ == "__main__"` guard needed), daemonic processes (e.g.
-dataloader workers) can use them, and a forked child starts its own instead of sharing its parent's.
-They exit when the parent closes their pipe, and are shut down at interpreter exit.
+worker processes (`TimeoutPool` over `pebble.ProcessPool`, `min(4, CPUs)` workers, started on first
+use), each running math-verify in its own main thread so that the signal timeouts (`timeout_s` per
+parse/compare) work. On top of those, every chunk has a hard deadline counted from the moment a worker
+took it; a worker that misses it (stuck in C code, where signals do not reach) is killed and replaced,
+and its responses score -1 "timeout (worker killed)". A worker that crashes has its chunk retried once
+on a fresh worker, then its responses score -1 "scorer failed: worker crashed twice".
+Workers are started with multiprocessing's `spawn` method (fresh interpreters: forking a process that
+runs torch or Ray threads can deadlock), so the usual multiprocessing rule applies to scripts: a script
+that scores at import time needs an `if __name__ == "__main__":` guard (the `v05` CLI, pytest and Ray
+workers have one). A daemonic process (e.g. a dataloader worker) may not start processes: there the
+scorer runs inline, as with `use_pool=False`. A forked child starts its own workers instead of sharing
+its parent's; workers are shut down at interpreter exit.
 `MathRewardConfig(use_pool=False)` scores in the calling process instead (signal timeouts only on the
 main thread; none elsewhere).
 
@@ -38,17 +41,12 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import multiprocessing
 import os
-import pickle
 import re
-import select
-import struct
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -356,7 +354,7 @@ def _parse_gold(gold_text: str, timeout_s: int | None) -> tuple[Any, str]:
     return result
 
 
-def _verify_math(response: str, answer: str, timeout_s: int | None, *, fast_path: bool = True) -> tuple[int, str]:
+def verify_math(response: str, answer: str, timeout_s: int | None, *, fast_path: bool = True) -> tuple[int, str]:
     """±1 and a reason for one response; every math-verify error or timeout becomes -1.
 
     `timeout_s` bounds each parse and each compare via `signal.alarm` (None: no bound, for threads).
@@ -416,9 +414,18 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _verify_math_chunk(items: list[tuple[str, str]], timeout_s: int) -> list[tuple[int, str]]:
+def verify_math_chunk(items: list[tuple[str, str]], timeout_s: int) -> list[tuple[int, str]]:
     """Pool task: score a chunk of (response, answer) pairs in the worker's main thread."""
-    return [_verify_math(r, a, timeout_s) for r, a in items]
+    return [verify_math(r, a, timeout_s) for r, a in items]
+
+
+def warm_up_worker() -> None:
+    """Pool initializer: import math-verify (and sympy) before the worker takes its first task, so the
+    import is not counted in a task's deadline. A failure is left for the task to report."""
+    try:
+        import math_verify  # noqa: F401
+    except Exception:  # noqa: BLE001 - the task's own import raises it again, with its reason
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -441,7 +448,9 @@ class MathRewardConfig:
         metadata={"help": "extra seconds a task may run past its math-verify budget before its worker is killed"},
     )
     startup_timeout_s: float = field(
-        default=120.0, metadata={"help": "seconds a new worker may take to start (import sympy/math-verify)"}
+        default=120.0,
+        metadata={"help": "seconds the pool may go without starting or finishing a task before the batch gives up "
+                          "(workers that cannot start: importing sympy/math-verify hangs)"},
     )
     use_pool: bool = field(
         default=True,
@@ -479,251 +488,134 @@ class Outcome(NamedTuple):
     error: str
 
 
-_HEADER = struct.Struct("<Q")
-
-_WORKER_CODE = "import v0_data.rewards as r; r._worker_main()"
-
-
-def _send(fd: int, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _worker_main() -> None:
-    """Body of a worker process: read (fn, args) pickles on stdin, answer (ok, value|error) on stdout.
-
-    Runs every task in this process's main thread, so math-verify's signal.alarm timeouts work.
-    """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
-    out_fd = os.dup(1)
-    os.dup2(2, 1)  # stray prints go to stderr, never into the result pipe
-    in_file = os.fdopen(0, "rb", buffering=0)
-    try:
-        import math_verify  # noqa: F401 - pay the sympy import before saying ready
-    except Exception as exc:  # noqa: BLE001
-        _send(out_fd, (False, f"cannot import math_verify: {exc}"))
-        return
-    _send(out_fd, (True, "ready"))
-    while True:
-        header = _read_exact(in_file, _HEADER.size)
-        if header is None:
-            return  # parent closed the pipe
-        body = _read_exact(in_file, _HEADER.unpack(header)[0])
-        if body is None:
-            return
-        try:
-            fn, args = pickle.loads(body)
-            reply = (True, fn(*args))
-        except Exception as exc:  # noqa: BLE001 - report, keep serving
-            reply = (False, f"{type(exc).__name__}: {exc}")
-        try:
-            _send(out_fd, reply)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # an unpicklable result
-            _send(out_fd, (False, f"result not picklable: {type(exc).__name__}: {exc}"))
-
-
-def _read_exact(f, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        data = f.read(n)
-        if not data:
-            return None
-        chunks.append(data)
-        n -= len(data)
-    return b"".join(chunks)
-
-
-class _Worker:
-    """One worker subprocess and the parent's side of its pipes."""
-
-    def __init__(self) -> None:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # the folder that holds `v0_data`
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-        )
-        self.fd = self.proc.stdout.fileno()
-        self.buffer = b""
-        self.ready = False
-        self.task: int | None = None
-        self.started = time.monotonic()
-
-    def poll_message(self) -> tuple[bool, Any] | None:
-        """Read what is available; return a complete message, or None. Raises EOFError if it died."""
-        data = os.read(self.fd, 1 << 20)
-        if not data:
-            raise EOFError
-        self.buffer += data
-        if len(self.buffer) < _HEADER.size:
-            return None
-        size = _HEADER.unpack(self.buffer[: _HEADER.size])[0]
-        if len(self.buffer) < _HEADER.size + size:
-            return None
-        body = self.buffer[_HEADER.size : _HEADER.size + size]
-        self.buffer = self.buffer[_HEADER.size + size :]
-        return pickle.loads(body)
-
-    def submit(self, task: int, fn: Callable, args: tuple) -> None:
-        self.task = task
-        self.started = time.monotonic()
-        _send(self.proc.stdin.fileno(), (fn, args))
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    def close(self) -> None:
-        """Ask it to exit (EOF on its stdin), then make sure it did."""
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=2)
-        except Exception:  # noqa: BLE001
-            pass
-        self.kill()
-
-
 class TimeoutPool:
-    """Worker subprocesses with a hard deadline per task.
+    """Worker processes with a hard deadline per task: a thin layer over `pebble.ProcessPool`.
 
     `run(fn, arg_tuples, task_deadline_s)` runs `fn(*args)` for every tuple and returns one `Outcome`
-    per tuple, in order. A task still running `task_deadline_s` after it was handed to a worker gets
-    `Outcome(False, None, "timeout")` and its worker is killed (signals cannot stop code stuck in C)
-    and replaced; a task whose worker crashed is retried once on a fresh worker. Workers start on first
-    use and are reused across calls. They are plain subprocesses (`python -c ...`), not multiprocessing
-    children: the caller's `__main__` is never re-imported, and daemonic processes may use the pool.
-    `fn` must be picklable by reference (a module-level function). Calls are serialised by a lock.
+    per tuple, in order. pebble counts a task's deadline from the moment a worker took it; a task past
+    it gets `Outcome(False, None, "timeout")` and its worker is killed (SIGTERM, then SIGKILL: signals
+    cannot stop code stuck in C) and replaced. A task whose worker crashed is retried once on a fresh
+    worker, then reported as "worker crashed twice"; an exception raised by the task is reported as
+    "<type>: <message>". If for `startup_timeout_s` no task of the call starts or finishes (workers
+    that cannot start), the rest fail with "no worker could start" and the pool is rebuilt next time.
+    Workers are `spawn`ed (fresh interpreters; forking a process that runs torch or Ray threads can
+    deadlock) and run `initializer` (default `warm_up_worker`) before their first task. `fn` and
+    `initializer` must be picklable by reference (module-level functions). Calls are serialised by a
+    lock. A forked child gets a pool of its own.
     """
 
-    def __init__(self, workers: int, startup_timeout_s: float = 120.0):
+    def __init__(self, workers: int, startup_timeout_s: float = 120.0, initializer: Callable[[], Any] | None = None):
         if workers < 1:
             raise ValueError(f"TimeoutPool needs at least 1 worker, got {workers}")
         self.n_workers = workers
         self.startup_timeout_s = startup_timeout_s
-        self._workers: list[_Worker] = []
+        self.initializer = initializer  # None: `warm_up_worker`
+        self._pool = None  # pebble.ProcessPool, started on first use
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():  # forked child: those workers are the parent's; start our own
-            self._workers = []
-            self._pid = os.getpid()
+    def _pebble_pool(self):
+        """The pebble pool of this process, (re)built when missing, broken, or inherited through fork."""
+        from pebble import ProcessPool
+
+        if self._pid != os.getpid():  # forked child: those workers are the parent's; never stop them here
+            self._pool, self._pid = None, os.getpid()
+        if self._pool is not None and not self._pool.active:
+            self._stop()
+        if self._pool is None:
+            from v0_data.rewards import warm_up_worker  # by its importable name (see `_run_in_pool`)
+
+            self._pool = ProcessPool(
+                max_workers=self.n_workers,
+                initializer=self.initializer or warm_up_worker,
+                context=multiprocessing.get_context("spawn"),
+            )
+        return self._pool
+
+    def _stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            pool.join()
 
     def shutdown(self) -> None:
         """Stop every worker (they restart on the next `run`)."""
         with self._lock:
-            self._check_fork()
-            workers, self._workers = self._workers, []
-        for w in workers:
-            w.close()
+            if self._pid != os.getpid():
+                self._pool, self._pid = None, os.getpid()
+            self._stop()
 
     def run(self, fn: Callable, arg_tuples: Sequence[tuple], task_deadline_s: float) -> list[Outcome]:
+        arg_tuples = list(arg_tuples)
+        outcomes: list[Outcome | None] = [None] * len(arg_tuples)
         with self._lock:
-            self._check_fork()
-            try:
-                return self._run(fn, list(arg_tuples), task_deadline_s)
-            except BaseException:  # e.g. Ctrl-C mid-batch: a late answer must never reach the next call
-                for w in [w for w in self._workers if w.task is not None or not w.ready]:
-                    w.kill()
-                    self._workers.remove(w)
-                raise
-
-    def _run(self, fn: Callable, arg_tuples: list[tuple], task_deadline_s: float) -> list[Outcome]:
-        n = len(arg_tuples)
-        outcomes: list[Outcome | None] = [None] * n
-        queue = list(range(n))  # tasks waiting for a worker
-        crashes = [0] * n
-        start_failures = 0
-        last_start_error = ""
-
-        def retire(w: _Worker, why: str) -> None:
-            nonlocal start_failures, last_start_error
-            w.kill()
-            self._workers.remove(w)
-            if not w.ready:
-                start_failures += 1
-                last_start_error = why
-            if w.task is None:
-                return
-            i = w.task
-            if why == "timeout":
-                outcomes[i] = Outcome(False, None, "timeout")
-                return
-            crashes[i] += 1
-            if crashes[i] >= 2:
-                outcomes[i] = Outcome(False, None, f"worker {why} twice")
-            else:
-                queue.insert(0, i)  # retry once on a fresh worker
-
-        while True:
-            busy = [w for w in self._workers if w.task is not None]
-            if not queue and not busy:
-                break
-            wanted = min(self.n_workers, len(queue) + len(busy))
-            while len(self._workers) < wanted and start_failures < 2 * self.n_workers:
-                self._workers.append(_Worker())
-            if not self._workers:  # workers keep failing to start: give up on what is left
-                for i in queue:
-                    outcomes[i] = Outcome(False, None, f"no worker could start ({last_start_error})")
-                break
-            for w in list(self._workers):  # hand work to idle, ready workers
-                if w.ready and w.task is None and queue:
-                    i = queue.pop(0)
-                    try:
-                        w.submit(i, fn, arg_tuples[i])
-                    except OSError:
-                        retire(w, "crashed")
-            now = time.monotonic()
-            waits = []
-            for w in list(self._workers):
-                if w.task is None and w.ready:
-                    continue  # idle
-                left = w.started + (task_deadline_s if w.ready else self.startup_timeout_s) - now
-                if left <= 0:
-                    retire(w, "timeout" if w.ready else "start-up timeout")
-                else:
-                    waits.append(left)
-            if not waits:
-                continue
-            fds = {w.fd: w for w in self._workers if w.task is not None or not w.ready}
-            readable, _, _ = select.select(list(fds), [], [], min(waits))
-            for fd in readable:
-                w = fds[fd]
-                try:
-                    msg = w.poll_message()
-                except (EOFError, OSError):
-                    retire(w, "crashed" if w.ready else "failed to start")
-                    continue
-                if msg is None:
-                    continue
-                ok, value = msg
-                if not w.ready:
-                    if ok:
-                        w.ready = True
-                    else:
-                        retire(w, f"failed to start: {value}")
-                    continue
-                i, w.task = w.task, None
-                outcomes[i] = Outcome(True, value, "") if ok else Outcome(False, None, str(value))
+            todo = list(range(len(arg_tuples)))
+            for attempt in range(2):  # a task whose worker crashed runs once more on a fresh worker
+                if not todo:
+                    break
+                pool = self._pebble_pool()
+                futures = [pool.schedule(fn, args=arg_tuples[i], timeout=task_deadline_s) for i in todo]
+                self._wait(futures)
+                crashed = []
+                for i, future in zip(todo, futures):
+                    outcomes[i] = _outcome(future, "worker crashed twice" if attempt else None)
+                    if outcomes[i] is None:
+                        crashed.append(i)
+                todo = crashed
         return [o if o is not None else Outcome(False, None, "not run") for o in outcomes]
+
+    def _wait(self, futures: list) -> None:
+        """Wait for every future; give up on the rest when none starts or finishes for startup_timeout_s.
+
+        On any interruption (e.g. Ctrl-C mid-batch) the unfinished tasks are cancelled, which kills
+        their workers: a late answer must never reach the next call.
+        """
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        pending, last_progress = set(futures), time.monotonic()
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                if done or any(f.running() for f in pending):
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress > self.startup_timeout_s:
+                    logger.warning("math-verify workers did not start within %.0f s; giving up on %d tasks",
+                                   self.startup_timeout_s, len(pending))
+                    break
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        if pending:  # stalled: cancelled tasks report "no worker could start"; the pool is rebuilt next time
+            for f in pending:
+                f.cancel()
+            self._stop()
+
+
+def _outcome(future, crash_error: str | None) -> Outcome | None:
+    """The `Outcome` of a finished pebble future; None for a crashed worker when `crash_error` is None."""
+    from concurrent.futures import CancelledError
+    from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from 3.11 on
+
+    from pebble import ProcessExpired
+
+    try:
+        return Outcome(True, future.result(timeout=0), "")
+    except (TimeoutError, FutureTimeout):
+        return Outcome(False, None, "timeout")
+    except ProcessExpired:
+        return None if crash_error is None else Outcome(False, None, crash_error)
+    except CancelledError:
+        return Outcome(False, None, "no worker could start (start-up timeout)")
+    except Exception as exc:  # noqa: BLE001 - the task's own exception, or a broken pool
+        return Outcome(False, None, f"{type(exc).__name__}: {exc}")
 
 
 _POOL: TimeoutPool | None = None
 _POOL_LOCK = threading.Lock()
 _CONFIG = MathRewardConfig()
 _ATEXIT_REGISTERED = False
+_WARNED_DAEMON = False
 
 
 def configure_math_reward(config: MathRewardConfig) -> None:
@@ -763,7 +655,38 @@ def shutdown_pool() -> None:
 
 def _run_inline(items: list[tuple[str, str]], timeout_s: int) -> list[tuple[int, str]]:
     on_main = threading.current_thread() is threading.main_thread()
-    return [_verify_math(r, a, timeout_s if on_main else None) for r, a in items]
+    return [verify_math(r, a, timeout_s if on_main else None) for r, a in items]
+
+
+def _in_daemon_process() -> bool:
+    """Whether this is a daemonic multiprocessing child, which may not start worker processes."""
+    global _WARNED_DAEMON
+    if not multiprocessing.current_process().daemon:
+        return False
+    if not _WARNED_DAEMON:
+        logger.warning("math reward: daemonic process, scoring inline (no worker processes, no hard deadline)")
+        _WARNED_DAEMON = True
+    return True
+
+
+def _run_in_pool(items: list[tuple[str, str]], cfg: MathRewardConfig) -> list[tuple[int, str]]:
+    """Score (response, answer) pairs in the worker pool, `cfg.chunk_size` per task; a failed task
+    gives each of its responses -1 with the failure as the reason."""
+    chunks = [items[s : s + cfg.chunk_size] for s in range(0, len(items), cfg.chunk_size)]
+    deadline = cfg.task_deadline_s(min(cfg.chunk_size, len(items)))
+    # pickled by reference as v0_data.rewards.verify_math_chunk even when verl loaded this file
+    # under another module name (custom_reward_function.path), which a worker could not import
+    from v0_data.rewards import verify_math_chunk
+
+    outcomes = _get_pool().run(verify_math_chunk, [(c, cfg.timeout_s) for c in chunks], deadline)
+    results: list[tuple[int, str]] = []
+    for chunk, out in zip(chunks, outcomes):
+        if out.ok:
+            results.extend(out.value)
+        else:
+            reason = "timeout (worker killed)" if out.error == "timeout" else f"scorer failed: {out.error}"
+            results.extend([(-1, reason)] * len(chunk))
+    return results
 
 # ---------------------------------------------------------------------------------------------------
 # Registered rewards
@@ -805,21 +728,8 @@ def math_reward(
         return ScoredBatch(rewards, reasons)
 
     items = [(responses[i], _answer_text(answers[i])) for i in todo]
-    if cfg.use_pool:
-        chunks = [items[s : s + cfg.chunk_size] for s in range(0, len(items), cfg.chunk_size)]
-        deadline = cfg.task_deadline_s(min(cfg.chunk_size, len(items)))
-        # pickled by reference as v0_data.rewards._verify_math_chunk even when verl loaded this file
-        # under another module name (custom_reward_function.path)
-        from v0_data.rewards import _verify_math_chunk as task
-
-        outcomes = _get_pool().run(task, [(c, cfg.timeout_s) for c in chunks], deadline)
-        results: list[tuple[int, str]] = []
-        for chunk, out in zip(chunks, outcomes):
-            if out.ok:
-                results.extend(out.value)
-            else:
-                reason = "timeout (worker killed)" if out.error == "timeout" else f"scorer failed: {out.error}"
-                results.extend([(-1, reason)] * len(chunk))
+    if cfg.use_pool and not _in_daemon_process():
+        results = _run_in_pool(items, cfg)
     else:
         results = _run_inline(items, cfg.timeout_s)
     for i, (reward, reason) in zip(todo, results):
@@ -874,4 +784,7 @@ __all__ = [
     "score_batch",
     "score_one",
     "shutdown_pool",
+    "verify_math",
+    "verify_math_chunk",
+    "warm_up_worker",
 ]

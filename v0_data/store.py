@@ -331,6 +331,84 @@ def _first_false(mask: pa.ChunkedArray | pa.Array) -> int | None:
     return pc.index(mask, False).as_py()
 
 
+_ROLLOUT_FIXES = {
+    "reward": "rewards must be -1 or +1 (int8); map 0/1 rewards with 2*r-1",
+    "prompt_id": "use v0_data.tasks.make_prompt_id(dataset, text) (a signed int64)",
+    "step": "give the checkpoint / training step as an integer >= 0",
+    "sample_idx": "number the rollouts of one (step, prompt) 0, 1, 2, ...",
+}
+_SCORE_FIXES = {
+    "score": "give the mean reward in [-1, 1] (2 * success_rate - 1)",
+    "n": "give the number of rollouts behind each score (an integer >= 1)",
+    "prompt_id": "use v0_data.tasks.make_prompt_id(dataset, text) (a signed int64)",
+}
+
+
+def _check_run_columns(table: pa.Table, *, run_id: str, model: str, source: str) -> None:
+    """Refuse `run_id` / `model` columns (optional in rollout input) that name another run or model."""
+    for name, expected in (("run_id", run_id), ("model", model)):
+        if name in table.column_names:
+            col = table.column(name)
+            if not _kind_ok(col.type, pa.string(), name):
+                raise ValueError(f"{source}: column {name!r} has type {col.type}, expected string")
+            bad = pc.fill_null(pc.not_equal(pc.cast(col, pa.string()), expected), True)
+            if pc.any(bad).as_py():
+                row = pc.index(bad, True).as_py()
+                raise ValueError(
+                    f"{source}: row {row} column {name!r} is {col[row].as_py()!r} but the rows are appended to run "
+                    f"{run_id!r} of model {model!r}; fix: split the input per run and append each to its own run"
+                )
+
+
+def _check_rollout_values(table: pa.Table, *, source: str) -> None:
+    """Refuse rewards other than -1 / +1 and negative step, sample_idx or n_tokens (ROLLOUT_SCHEMA table)."""
+    reward = table.column("reward")
+    row = _first_false(pc.or_(pc.equal(reward, 1), pc.equal(reward, -1)))
+    if row is not None:
+        raise ValueError(f"{source}: row {row} column 'reward' is {reward[row].as_py()}, not -1 or +1; fix: {_ROLLOUT_FIXES['reward']}")
+    for name in ("step", "sample_idx", "n_tokens"):
+        col = table.column(name)
+        row = _first_false(pc.fill_null(pc.greater_equal(col, 0), True))
+        if row is not None:
+            raise ValueError(f"{source}: row {row} column {name!r} is {col[row].as_py()}, negative; fix: give values >= 0")
+
+
+def _group_rollouts(table: pa.Table, *, numbered: bool, source: str) -> pa.Table:
+    """Rows laid out by `group_order`; `numbered`: the input had no sample_idx, so number the samples.
+
+    Runs of one prompt id compress to almost nothing (dictionary + RLE) and each step becomes one
+    contiguous file. Input from a generation loop already is grouped and is kept as is; other input is
+    sorted by (step, prompt_id, sample_idx).
+    """
+    step = table.column("step").to_numpy()
+    pid = table.column("prompt_id").to_numpy()
+    sidx = None if numbered else table.column("sample_idx").to_numpy()
+    order, new_idx, dup = group_order(step, pid, sidx)
+    if dup is not None:
+        i, j = dup
+        raise ValueError(
+            f"{source}: rows {i} and {j} repeat (step, prompt_id, sample_idx) = "
+            f"({step[i]}, {pid[i]}, {sidx[i]}); fix: number the samples of each (step, prompt) uniquely "
+            "(or drop the sample_idx column to have them numbered)"
+        )
+    if order is not None:
+        table = table.take(pa.array(order))
+    if new_idx is not None:
+        table = table.set_column(4, "sample_idx", pa.array(new_idx))
+    return table
+
+
+def _check_score_values(table: pa.Table, *, source: str) -> None:
+    """Refuse scores outside [-1, 1] and counts n < 1 (SCORE_SCHEMA table)."""
+    score = table.column("score")
+    row = _first_false(pc.and_(pc.greater_equal(score, -1.0), pc.less_equal(score, 1.0)))
+    if row is not None:
+        raise ValueError(f"{source}: row {row} column 'score' is {score[row].as_py()}, outside [-1, 1]; fix: {_SCORE_FIXES['score']}")
+    row = _first_false(pc.greater_equal(table.column("n"), 1))
+    if row is not None:
+        raise ValueError(f"{source}: row {row} column 'n' is {table.column('n')[row].as_py()}; fix: {_SCORE_FIXES['n']}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The store.
 
@@ -754,27 +832,11 @@ class TrajectoryStore:
         return table.num_rows
 
     def _validate_rollouts(self, table: pa.Table, *, run_id: str, model: str, source: str) -> pa.Table:
-        fixes = {
-            "reward": "rewards must be -1 or +1 (int8); map 0/1 rewards with 2*r-1",
-            "prompt_id": "use v0_data.tasks.make_prompt_id(dataset, text) (a signed int64)",
-            "step": "give the checkpoint / training step as an integer >= 0",
-            "sample_idx": "number the rollouts of one (step, prompt) 0, 1, 2, ...",
-        }
-        for name, expected in (("run_id", run_id), ("model", model)):
-            if name in table.column_names:
-                col = table.column(name)
-                if not _kind_ok(col.type, pa.string(), name):
-                    raise ValueError(f"{source}: column {name!r} has type {col.type}, expected string")
-                bad = pc.fill_null(pc.not_equal(pc.cast(col, pa.string()), expected), True)
-                if pc.any(bad).as_py():
-                    row = pc.index(bad, True).as_py()
-                    raise ValueError(
-                        f"{source}: row {row} column {name!r} is {col[row].as_py()!r} but the rows are appended to run "
-                        f"{run_id!r} of model {model!r}; fix: split the input per run and append each to its own run"
-                    )
+        """`table` checked and cast to ROLLOUT_SCHEMA, defaults filled in, rows grouped per (step, prompt)."""
+        _check_run_columns(table, run_id=run_id, model=model, source=source)
         created_missing = "created_at" not in table.column_names
         idx_missing = "sample_idx" not in table.column_names
-        table = coerce(table, "rollouts", source=source, fixes=fixes)
+        table = coerce(table, "rollouts", source=source, fixes=_ROLLOUT_FIXES)
         n = table.num_rows
         table = table.set_column(0, "run_id", pa.repeat(pa.scalar(run_id, pa.string()), n))
         table = table.set_column(1, "model", pa.repeat(pa.scalar(model, pa.string()), n))
@@ -782,18 +844,10 @@ class TrajectoryStore:
             table = table.set_column(9, "created_at", pa.repeat(pa.scalar(_now(), pa.timestamp("us", tz="UTC")), n))
         if idx_missing:
             table = table.set_column(4, "sample_idx", pa.array(np.zeros(n, dtype=np.int32)))
-        check_not_null(table, "rollouts", source=source, fixes=fixes)
+        check_not_null(table, "rollouts", source=source, fixes=_ROLLOUT_FIXES)
         if n == 0:
             return table
-        reward = table.column("reward")
-        row = _first_false(pc.or_(pc.equal(reward, 1), pc.equal(reward, -1)))
-        if row is not None:
-            raise ValueError(f"{source}: row {row} column 'reward' is {reward[row].as_py()}, not -1 or +1; fix: {fixes['reward']}")
-        for name in ("step", "sample_idx", "n_tokens"):
-            col = table.column(name)
-            row = _first_false(pc.fill_null(pc.greater_equal(col, 0), True))
-            if row is not None:
-                raise ValueError(f"{source}: row {row} column {name!r} is {col[row].as_py()}, negative; fix: give values >= 0")
+        _check_rollout_values(table, source=source)
         known = self._existing_prompt_ids()
         row = _first_false(pc.is_in(table.column("prompt_id"), value_set=known))
         if row is not None:
@@ -802,25 +856,7 @@ class TrajectoryStore:
                 "prompts; fix: add the prompts first (TrajectoryStore.add_prompts or `v05 data import`)"
             )
         self._check_not_scored(table, model=model, source=source)
-        # Group rows by (step, prompt): runs of one prompt id compress to almost nothing (dictionary +
-        # RLE) and each step becomes one contiguous file. Input from a generation loop already is
-        # grouped and is kept as is; other input is sorted by (step, prompt_id, sample_idx).
-        step = table.column("step").to_numpy()
-        pid = table.column("prompt_id").to_numpy()
-        sidx = None if idx_missing else table.column("sample_idx").to_numpy()
-        order, numbered, dup = group_order(step, pid, sidx)
-        if dup is not None:
-            i, j = dup
-            raise ValueError(
-                f"{source}: rows {i} and {j} repeat (step, prompt_id, sample_idx) = "
-                f"({step[i]}, {pid[i]}, {sidx[i]}); fix: number the samples of each (step, prompt) uniquely "
-                "(or drop the sample_idx column to have them numbered)"
-            )
-        if order is not None:
-            table = table.take(pa.array(order))
-        if numbered is not None:
-            table = table.set_column(4, "sample_idx", pa.array(numbered))
-        return table
+        return _group_rollouts(table, numbered=idx_missing, source=source)
 
     def _check_not_scored(self, table: pa.Table, *, model: str, source: str) -> None:
         """Refuse rollouts for a (model, step, prompt) that imported scores already cover (it would
@@ -866,22 +902,11 @@ class TrajectoryStore:
         self._require_writer("add_scores")
         if not isinstance(part, str) or not re.fullmatch(r"[A-Za-z0-9._=-]{1,100}", part):
             raise ValueError(f"add_scores: part {part!r} must be a short name of letters, digits, '.', '_', '-', '='")
-        fixes = {
-            "score": "give the mean reward in [-1, 1] (2 * success_rate - 1)",
-            "n": "give the number of rollouts behind each score (an integer >= 1)",
-            "prompt_id": "use v0_data.tasks.make_prompt_id(dataset, text) (a signed int64)",
-        }
-        table = coerce(as_table(data, argument=source), "scores", source=source, fixes=fixes)
-        check_not_null(table, "scores", source=source, fixes=fixes)
+        table = coerce(as_table(data, argument=source), "scores", source=source, fixes=_SCORE_FIXES)
+        check_not_null(table, "scores", source=source, fixes=_SCORE_FIXES)
         if table.num_rows == 0:
             return 0
-        score = table.column("score")
-        row = _first_false(pc.and_(pc.greater_equal(score, -1.0), pc.less_equal(score, 1.0)))
-        if row is not None:
-            raise ValueError(f"{source}: row {row} column 'score' is {score[row].as_py()}, outside [-1, 1]; fix: {fixes['score']}")
-        row = _first_false(pc.greater_equal(table.column("n"), 1))
-        if row is not None:
-            raise ValueError(f"{source}: row {row} column 'n' is {table.column('n')[row].as_py()}; fix: {fixes['n']}")
+        _check_score_values(table, source=source)
         row = _first_false(pc.is_in(table.column("prompt_id"), value_set=self._existing_prompt_ids()))
         if row is not None:
             raise ValueError(
@@ -889,6 +914,16 @@ class TrajectoryStore:
                 "prompts; fix: add the prompts first (TrajectoryStore.add_prompts or `v05 data import`)"
             )
         key = f"scores|{part}"
+        self._check_scores_unique(table, key=key, source=source)
+        table = table.sort_by([("model", "ascending"), ("step", "ascending"), ("prompt_id", "ascending")])
+        rel = f"scores/part-{hashlib.blake2b(part.encode(), digest_size=6).hexdigest()}-{uuid.uuid4().hex[:8]}.parquet"
+        (n_bytes,) = self._write_parts([(table, rel)])
+        self._commit([ManifestEntry(rel, "scores", key, None, None, table.num_rows, n_bytes, _now())])
+        return table.num_rows
+
+    def _check_scores_unique(self, table: pa.Table, *, key: str, source: str) -> None:
+        """Refuse a (model, step, prompt_id) given twice in `table`, scored by a score part other than
+        `key`, or measured by rollouts in the store (it would count twice in prompt_stats)."""
         con = self._views()
         con.register("_incoming", table.append_column("_row", pa.array(np.arange(table.num_rows))))
         try:
@@ -922,11 +957,6 @@ class TrajectoryStore:
                 )
         finally:
             con.unregister("_incoming")
-        table = table.sort_by([("model", "ascending"), ("step", "ascending"), ("prompt_id", "ascending")])
-        rel = f"scores/part-{hashlib.blake2b(part.encode(), digest_size=6).hexdigest()}-{uuid.uuid4().hex[:8]}.parquet"
-        (n_bytes,) = self._write_parts([(table, rel)])
-        self._commit([ManifestEntry(rel, "scores", key, None, None, table.num_rows, n_bytes, _now())])
-        return table.num_rows
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -1212,7 +1242,8 @@ def _acquire_lock(root: Path) -> int:
     return fd
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder: its entries) to disk. `v05 bench store` uses it for its floor file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1223,12 +1254,12 @@ def _fsync_path(path: Path) -> None:
 def _fsync_all(paths: Sequence[Path]) -> None:
     if len(paths) <= 1:
         for path in paths:
-            _fsync_path(path)
+            fsync_path(path)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        list(pool.map(_fsync_path, paths))
+        list(pool.map(fsync_path, paths))
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -1284,6 +1315,17 @@ def group_order(
             offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)  # [N] start of each row's run
             numbered = (np.arange(n) - offsets).astype(np.int32)
         return order, numbered, None
+    return _sorted_layout(step, pid, sidx)
+
+
+def _sorted_layout(
+    step: np.ndarray, pid: np.ndarray, sidx: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int] | None]:
+    """`group_order` for input that is not grouped: one stable lexsort by (step, prompt_id[, sample_idx]).
+
+    Shapes: step, pid, sidx (N,), N >= 1. Same return values as `group_order`.
+    """
+    n = len(step)
     if sidx is None:
         order = np.lexsort((pid, step))  # stable: input order numbers the samples
         s_step, s_pid = step[order], pid[order]
@@ -1400,4 +1442,6 @@ __all__ = [
     "check_sql",
     "as_table",
     "coerce",
+    "fsync_path",
+    "group_order",
 ]

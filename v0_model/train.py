@@ -435,9 +435,12 @@ def train_v0(
     val_table: PairTable | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train V0 on `table` (split prompt-disjointly unless `val_table` is given); keep the best-gAUC weights."""
-    from tqdm.auto import tqdm
+    """Train V0 on `table` (split prompt-disjointly unless `val_table` is given); keep the best-gAUC weights.
 
+    Steps: embed every prompt (cached), fit the difficulty bank on the training rows, run the loop
+    (`_train_loop`), restore the best weights, Platt-calibrate the head on the validation prompts,
+    evaluate with baselines, and refit the bank on all rows when the split was made here.
+    """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     split_here = val_table is None
@@ -456,7 +459,46 @@ def train_v0(
     input_dim = int(cache[int(train_table.prompt_id[0])].pooled.shape[0])
     model = V0Model(v0_cfg, input_dim)
     bank_info = fit_bank(model, cache, train_table, v0_cfg, cfg.seed)
-    sampler = TaskSampler(train_table, cfg.context_size, cfg.query_pairs, cfg.seed)
+    loop = _train_loop(model, cache, train_table, val_table, cfg, progress)
+    model.load_state_dict(loop.best_state)
+    calibration = None
+    if cfg.calibrate and hasattr(model.head, "cal_scale"):
+        calibration = calibrate_head(model, cache, train_table, val_table, cfg)
+    report, preds = evaluate(model, cache, train_table, val_table, cfg, with_baselines=True)
+    if split_here:  # the exported bank also knows the validation prompts carved out here
+        bank_info = fit_bank(model, cache, table, v0_cfg, cfg.seed)
+    info = {
+        "val": report,
+        "best_step": loop.best_step,
+        "steps": loop.steps,
+        "stop_reason": loop.stop_reason,
+        "calibration": calibration,
+        "minutes": (time.time() - loop.t0) / 60,
+        "cpu_minutes": (time.process_time() - loop.cpu0) / 60,
+        "threads": cfg.threads,
+        "n_train_rows": len(train_table),
+        "n_val_rows": len(val_table),
+        "n_val_prompts": int(len(np.unique(val_table.prompt_id))),
+        "head": model.head.hyperparameters() if hasattr(model.head, "hyperparameters") else {},
+        "bank": bank_info,
+    }
+    return TrainResult(model, cache, info, loop.history, preds, val_table)
+
+
+class _LoopResult(NamedTuple):
+    """What `_train_loop` hands back: the best weights, the history, why and when it stopped."""
+
+    best_step: int
+    best_state: dict[str, torch.Tensor]
+    history: list[dict]
+    steps: int
+    stop_reason: str  # "max_steps", "early_stop" or "max_minutes"
+    t0: float  # time.time() when the loop started
+    cpu0: float  # time.process_time() when the loop started
+
+
+def _optimizer(model: V0Model, cfg: TrainConfig):
+    """AdamW (the head's few scalars at `head_lr_mult` x lr, no weight decay) and the cosine schedule."""
     opt = torch.optim.AdamW(
         [
             {"params": list(model.adapter.parameters()), "lr": cfg.lr},
@@ -466,8 +508,19 @@ def train_v0(
         weight_decay=cfg.weight_decay,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.max_steps, cfg.warmup_frac))
+    return opt, sched
 
-    # step 0 is a candidate too: with the bank, the untrained adapter may already be the best model
+
+def _train_loop(
+    model: V0Model, cache: EmbeddingCache, train_table: PairTable, val_table: PairTable, cfg: TrainConfig, progress: bool
+) -> _LoopResult:
+    """Optimise until `max_steps`, early stopping (`patience` evaluations without a validation gAUC
+    gain) or `max_minutes`; validate every `eval_every` steps. Step 0 (untrained) is a candidate too:
+    with the bank, the untrained adapter may already be the best model."""
+    from tqdm.auto import tqdm
+
+    sampler = TaskSampler(train_table, cfg.context_size, cfg.query_pairs, cfg.seed)
+    opt, sched = _optimizer(model, cfg)
     report0, _ = evaluate(model, cache, train_table, val_table, cfg, with_baselines=False)
     best = {"gauc": report0["v0"]["gauc"], "step": 0, "state": {k: v.clone() for k, v in model.state_dict().items()}}
     history: list[dict] = [{"step": 0, "minutes": 0.0, "cpu_minutes": 0.0, **{f"val_{k}": v for k, v in report0["v0"].items()}}]
@@ -478,26 +531,7 @@ def train_v0(
     step = 0
     stop_reason = "max_steps"
     for step in range(1, cfg.max_steps + 1):
-        model.train()
-        tasks = [sampler.sample() for _ in range(cfg.tasks_per_step)]
-        rows = np.concatenate([np.concatenate([t.context, t.queries]) for t in tasks])
-        feats = model.features(cache, train_table.prompt_id[rows].tolist())  # [sum(N + 2P), F]
-        loss_total, off = 0.0, 0
-        for t in tasks:
-            n_ctx = len(t.context)
-            cx, qx = feats[off : off + n_ctx], feats[off + n_ctx : off + n_ctx + len(t.queries)]
-            off += n_ctx + len(t.queries)
-            cy = torch.as_tensor(train_table.rate[t.context], dtype=torch.float32)
-            qy = torch.as_tensor(train_table.rate[t.queries], dtype=torch.float32)
-            loss, stats = v0_loss(model.logits(cx, cy, qx), qy, cfg.query_pairs, cfg.bt_weight)
-            loss_total = loss_total + loss / len(tasks)
-            for k, v in stats.items():
-                running[k] = 0.95 * running.get(k, v) + 0.05 * v
-        opt.zero_grad(set_to_none=True)
-        loss_total.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        _train_step(model, cache, train_table, [sampler.sample() for _ in range(cfg.tasks_per_step)], cfg, opt, running)
         sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{running['loss']:.3f}", best_gauc=f"{best['gauc']:.3f}")
@@ -520,35 +554,49 @@ def train_v0(
             stop_reason = "max_minutes"
             break
     bar.close()
-    model.load_state_dict(best["state"])
-    calibration = None
-    if cfg.calibrate and hasattr(model.head, "cal_scale"):
-        probs = predict_table(model, cache, train_table, val_table, cfg.eval_context_size, cfg.seed + 1)
-        ok = ~np.isnan(probs)
-        a, b = fit_platt(probs[ok], val_table.rate[ok])
-        with torch.no_grad():  # logits' = a * logits + b, folded into the head's affine output
-            model.head.cal_bias.mul_(a).add_(b)
-            model.head.cal_scale.mul_(a)
-        calibration = {"a": a, "b": b}
-    report, preds = evaluate(model, cache, train_table, val_table, cfg, with_baselines=True)
-    if split_here:  # the exported bank also knows the validation prompts carved out here
-        bank_info = fit_bank(model, cache, table, v0_cfg, cfg.seed)
-    info = {
-        "val": report,
-        "best_step": best["step"],
-        "steps": step,
-        "stop_reason": stop_reason,
-        "calibration": calibration,
-        "minutes": (time.time() - t0) / 60,
-        "cpu_minutes": (time.process_time() - cpu0) / 60,
-        "threads": cfg.threads,
-        "n_train_rows": len(train_table),
-        "n_val_rows": len(val_table),
-        "n_val_prompts": int(len(np.unique(val_table.prompt_id))),
-        "head": model.head.hyperparameters() if hasattr(model.head, "hyperparameters") else {},
-        "bank": bank_info,
-    }
-    return TrainResult(model, cache, info, history, preds, val_table)
+    return _LoopResult(best["step"], best["state"], history, step, stop_reason, t0, cpu0)
+
+
+def _train_step(
+    model: V0Model, cache: EmbeddingCache, train_table: PairTable, tasks: list[Task], cfg: TrainConfig, opt,
+    running: dict[str, float],
+) -> None:
+    """One optimiser step on the mean loss of `tasks`; `running` keeps exponential averages of the loss stats."""
+    model.train()
+    rows = np.concatenate([np.concatenate([t.context, t.queries]) for t in tasks])
+    feats = model.features(cache, train_table.prompt_id[rows].tolist())  # [sum(N + 2P), F]
+    loss_total, off = 0.0, 0
+    for t in tasks:
+        n_ctx = len(t.context)
+        cx, qx = feats[off : off + n_ctx], feats[off + n_ctx : off + n_ctx + len(t.queries)]
+        off += n_ctx + len(t.queries)
+        cy = torch.as_tensor(train_table.rate[t.context], dtype=torch.float32)
+        qy = torch.as_tensor(train_table.rate[t.queries], dtype=torch.float32)
+        loss, stats = v0_loss(model.logits(cx, cy, qx), qy, cfg.query_pairs, cfg.bt_weight)
+        loss_total = loss_total + loss / len(tasks)
+        for k, v in stats.items():
+            running[k] = 0.95 * running.get(k, v) + 0.05 * v
+    opt.zero_grad(set_to_none=True)
+    loss_total.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+
+
+def calibrate_head(
+    model: V0Model, cache: EmbeddingCache, train_table: PairTable, val_table: PairTable, cfg: TrainConfig
+) -> dict[str, float]:
+    """Platt-refit the head's output affine on the validation prompts; returns {"a", "b"}.
+
+    logits' = a * logits + b is folded into the head's `cal_scale` / `cal_bias` (ranking unchanged).
+    """
+    probs = predict_table(model, cache, train_table, val_table, cfg.eval_context_size, cfg.seed + 1)
+    ok = ~np.isnan(probs)
+    a, b = fit_platt(probs[ok], val_table.rate[ok])
+    with torch.no_grad():
+        model.head.cal_bias.mul_(a).add_(b)
+        model.head.cal_scale.mul_(a)
+    return {"a": a, "b": b}
 
 
 def cross_validate(
@@ -599,5 +647,6 @@ __all__ = [
     "baseline_predictions",
     "evaluate",
     "train_v0",
+    "calibrate_head",
     "cross_validate",
 ]

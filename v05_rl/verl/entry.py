@@ -89,7 +89,10 @@ def launch(config_path: str | Path, overrides: Sequence[str] = (), *, dry_run: b
 
 
 def _task_runner_class() -> type:
-    """`V05TaskRunner`, defined lazily so that importing this module does not import verl."""
+    """`V05TaskRunner`, defined lazily so that importing this module does not import verl.
+
+    Kept in one piece: `run` follows verl's own `TaskRunner.run` (verl/trainer/main_ppo.py) step by step,
+    and reading the two side by side is how one checks it against a new verl release."""
     from verl.trainer.main_ppo_v0 import BaseTaskRunner
 
     class V05TaskRunner(BaseTaskRunner):

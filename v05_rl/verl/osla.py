@@ -1,4 +1,4 @@
-"""Sequential OSLA rollouts on verl `DataProto`s: the round logic of `RayV05Trainer.fit`, testable alone.
+"""Sequential OSLA rollouts on verl `DataProto`s: `v05_rl.osla_loop.run_osla` with a verl dispatch.
 
 Per training batch of B prompts (paper §4.1.3, Steps 2-4):
     round 0   every prompt gets k_init rollouts (the cold start; `plan_round` on empty counts);
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from v0_data.tasks.base import Prompt
-from v05_rl.allocation import OslaConfig, plan_round
+from v05_rl.allocation import OslaConfig
 from v05_rl.estimators import fuse
+from v05_rl.osla_loop import Dispatched, run_osla
 from v05_rl.verl.estimator import scores_to_pm1
 from verl import DataProto
 
@@ -131,17 +132,12 @@ def generate_osla(
     if dispatch_multiple < 1:
         raise ValueError(f"dispatch_multiple must be >= 1, got {dispatch_multiple}")
 
-    counts = np.zeros(n_prompts, dtype=np.int64)  # [B]
-    sums = np.zeros(n_prompts, dtype=np.int64)  # [B]
     parts: list[DataProto] = []
     rows_of: list[np.ndarray] = []
-    rounds: list[RoundStats] = []
+    fillers: list[int] = []
     timing: dict[str, float] = {}
-    while max_rounds is None or len(rounds) < max_rounds:
-        extra = np.asarray(plan_round(counts, sums, priors, cfg), dtype=np.int64)  # [B]
-        if int(extra.sum()) == 0:
-            break
-        t0 = clock()
+
+    def dispatch(extra: np.ndarray, rnd: int) -> Dispatched:
         selected = np.repeat(np.arange(n_prompts), extra)  # [n] grouped by prompt
         n_fill = -selected.size % dispatch_multiple
         dispatch_idx = np.concatenate([selected, _fillers(selected, n_fill, n_prompts)])
@@ -153,16 +149,16 @@ def generate_osla(
         rows = prompt_batch.select_idxs(selected).union(out.select_idxs(np.arange(selected.size)))
         if score_rows is not None and "rm_scores" not in rows.batch.keys():
             rows = score_rows(rows)
-        rewards = sequence_rewards(rows, reward_map)  # [n]
-        counts += extra
-        sums += np.bincount(selected, weights=rewards, minlength=n_prompts).astype(np.int64)
         parts.append(rows)
         rows_of.append(selected)
-        rounds.append(RoundStats(len(rounds), int((extra > 0).sum()), int(selected.size), int(n_fill), clock() - t0))
-    if not parts:
-        raise RuntimeError("OSLA: the planner dispatched nothing in the cold start; check OslaConfig.k_init")
+        fillers.append(int(n_fill))
+        return Dispatched(selected, sequence_rewards(rows, reward_map))
+
+    res = run_osla(priors, cfg, dispatch, max_rounds=max_rounds, clock=clock)
+    rounds = [RoundStats(r.index, r.prompts, r.rollouts, f, r.seconds) for r, f in zip(res.rounds, fillers)]
     batch = parts[0] if len(parts) == 1 else DataProto.concat(_align_columns(parts))
-    return OslaRollouts(batch, np.concatenate(rows_of), counts, sums, priors, tuple(rounds), timing)
+    sums = res.sums.astype(np.int64)  # ±1 rewards: the sums are whole numbers
+    return OslaRollouts(batch, np.concatenate(rows_of), res.counts, sums, priors, tuple(rounds), timing)
 
 
 def _align_columns(parts: list[DataProto]) -> list[DataProto]:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from v0_data.tasks.base import Prompt
 from v05_rl.allocation import OslaConfig
-from v05_rl.prior import PriorOptions, PriorRuntime, PriorSource, check_priors, make_prior_source
+from v05_rl.priors import PriorOptions, PriorRuntime, PriorSource, check_priors, make_prior_source
 from v05_rl.verl.estimator import ESTIMATOR_NAME, EstimatorOptions
 from v05_rl.verl.osla import (
     PromptIndex,
@@ -352,8 +352,20 @@ class RayV05Trainer(RayPPOTrainer):
         metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
         return batch
 
+    def _batch_metrics(self, batch: DataProto, timing_raw: dict) -> dict[str, Any]:
+        """verl's data, timing and throughput metrics, computed on the real rows only (no update padding)."""
+        real = batch.select_idxs(~is_padding(batch))
+        real.meta_info = {**batch.meta_info, "global_token_num": torch.sum(real.batch["attention_mask"], dim=-1).tolist()}
+        out = dict(compute_data_metrics(batch=real, use_critic=False))
+        out.update(compute_timing_metrics(batch=real, timing_raw=timing_raw))
+        out.update(compute_throughout_metrics(batch=real, timing_raw=timing_raw, n_gpus=self.resource_pool_manager.get_n_gpus()))
+        return out
+
     def fit(self):
-        """verl's training loop with the V0.5 batch generation (module docstring, steps 1-4)."""
+        """verl's training loop with the V0.5 batch generation (module docstring, steps 1-4).
+
+        Kept in one piece: it follows `RayPPOTrainer.fit` of verl 0.9.1 step for step (resume, validation,
+        the per-step order of generation, update, checkpoint and logging), which is how it is checked."""
         from verl.utils.tracking import Tracking
 
         if self._dump_executor._shutdown:
@@ -405,19 +417,8 @@ class RayV05Trainer(RayPPOTrainer):
                     last_val = val_metrics if is_last_step else last_val
                     metrics.update(val_metrics)
 
-                real = batch.select_idxs(~is_padding(batch))  # verl's data/throughput metrics on real rows only
-                real.meta_info = {
-                    **batch.meta_info,
-                    "global_token_num": torch.sum(real.batch["attention_mask"], dim=-1).tolist(),
-                }
                 metrics.update({"training/global_step": self.global_steps, "training/epoch": epoch})
-                metrics.update(compute_data_metrics(batch=real, use_critic=False))
-                metrics.update(compute_timing_metrics(batch=real, timing_raw=timing_raw))
-                metrics.update(
-                    compute_throughout_metrics(
-                        batch=real, timing_raw=timing_raw, n_gpus=self.resource_pool_manager.get_n_gpus()
-                    )
-                )
+                metrics.update(self._batch_metrics(batch, timing_raw))
                 logger.log(data=metrics, step=self.global_steps)
                 progress.update(1)
                 self.global_steps += 1

@@ -1,35 +1,24 @@
 """Task sources, chosen by name: `get_source("arith")`.
 
-Each source module registers itself in `SOURCES` on import; `get_source` imports the built-in
-modules lazily so that `import v0_data` stays cheap.
+The registry lives in `registry.py`; importing this package imports the built-in source modules
+(arith, parquet, v0_release), which register themselves. They are cheap to import: pyarrow, datasets
+and friends are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
-from v0_data.registry import Registry
+from v0_data.tasks import arith, parquet, v0_release  # noqa: F401 - registers the built-in sources
 from v0_data.tasks.base import Prompt, make_prompt_id
-
-SOURCES: Registry = Registry("task source")
-
-_BUILTIN_MODULES = ("v0_data.tasks.arith", "v0_data.tasks.parquet", "v0_data.tasks.v0_release")
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+from v0_data.tasks.registry import SOURCES
 
 
 def get_source(name: str):
-    _load_builtins()
+    """The task-source class registered as `name` (unknown names fail with the list of valid ones)."""
     return SOURCES.get(name)
 
 
 def source_names() -> list[str]:
-    _load_builtins()
+    """Names of the registered task sources, sorted."""
     return SOURCES.names()
 
 

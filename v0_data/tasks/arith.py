@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from v0_data.tasks import SOURCES
+from v0_data.tasks.registry import SOURCES
 from v0_data.tasks.base import Prompt, make_prompt_id
 
 DATASET = "arith"

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
-from v0_data.tasks import SOURCES
+from v0_data.tasks.registry import SOURCES
 from v0_data.tasks.base import Prompt, make_prompt_id
 
 REQUIRED_COLUMNS = ("data_source", "prompt")
@@ -338,42 +338,61 @@ def write_verl_parquet(
     Prompts with no answer get `ground_truth` "" (the `math` reward scores them -1).
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = []
     merged_extras = []
     for index, p in enumerate(prompts):
         if not isinstance(p, Prompt):
             raise TypeError(f"write_verl_parquet: item {index} is {type(p).__name__}, expected a Prompt")
-        chat = p.meta.get("chat")
-        if chat:
-            chat = [{"role": str(m["role"]), "content": str(m["content"])} for m in chat]
-        else:
-            content = p.text if not instruction else f"{p.text}\n\n{instruction}"
-            chat = [{"role": "user", "content": content}]
-        if system_prompt and not any(m["role"] == "system" for m in chat):
-            chat = [{"role": "system", "content": system_prompt}] + chat
-        own_extra = {  # scalar meta (e.g. arith's level, answer_format) travels in extra_info too
-            k: v
-            for k, v in p.meta.items()
-            if k not in _META_KEYS and (v is None or isinstance(v, (str, int, float, bool)))
-        }
-        own_extra.update(p.meta.get("extra_info") or {})
-        base = {"prompt_id": int(p.prompt_id), "index": index, "split": p.split}
-        merged_extras.append((own_extra, base))
+        merged_extras.append(_extra_info_parts(p, index))
         rows.append(
             {
                 "data_source": data_source or p.dataset,
-                "prompt": chat,
+                "prompt": _verl_chat(p, system_prompt, instruction),
                 "ability": p.meta.get("ability") or ability,
                 "reward_model": {"style": p.meta.get("reward_style") or reward_style, "ground_truth": p.answer or ""},
             }
         )
     if not rows:
         raise ValueError(f"write_verl_parquet({path}): no prompts to write; pass at least one Prompt")
+    columns = _verl_columns(rows)
+
+    def build(json_fallback: bool) -> pa.Table:
+        return pa.table({**columns, "extra_info": _extra_info_column(merged_extras, json_fallback)})
+
+    return _write_atomically(build, Path(path))
+
+
+def _verl_chat(p: Prompt, system_prompt: str | None, instruction: str | None) -> list[dict[str, str]]:
+    """The chat messages of one verl row: the prompt's stored chat, else one user message."""
+    chat = p.meta.get("chat")
+    if chat:
+        chat = [{"role": str(m["role"]), "content": str(m["content"])} for m in chat]
+    else:
+        content = p.text if not instruction else f"{p.text}\n\n{instruction}"
+        chat = [{"role": "user", "content": content}]
+    if system_prompt and not any(m["role"] == "system" for m in chat):
+        chat = [{"role": "system", "content": system_prompt}] + chat
+    return chat
+
+
+def _extra_info_parts(p: Prompt, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the prompt's own extra info, the fields every row gets) for the `extra_info` column."""
+    own_extra = {  # scalar meta (e.g. arith's level, answer_format) travels in extra_info too
+        k: v
+        for k, v in p.meta.items()
+        if k not in _META_KEYS and (v is None or isinstance(v, (str, int, float, bool)))
+    }
+    own_extra.update(p.meta.get("extra_info") or {})
+    return own_extra, {"prompt_id": int(p.prompt_id), "index": index, "split": p.split}
+
+
+def _verl_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Arrow columns data_source, prompt (list of role/content structs), ability, reward_model."""
+    import pyarrow as pa
 
     chat_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-    columns = {
+    return {
         "data_source": pa.array([r["data_source"] for r in rows], pa.string()),
         "prompt": pa.array([r["prompt"] for r in rows], chat_type),
         "ability": pa.array([r["ability"] for r in rows], pa.string()),
@@ -382,17 +401,27 @@ def write_verl_parquet(
         ),
     }
 
-    def build(json_fallback: bool) -> pa.Table:
-        if json_fallback:
-            extras = [
-                {**base, "source_extra_info": json.dumps(_jsonable(own), sort_keys=True)}
-                for own, base in merged_extras
-            ]
-        else:
-            extras = [{**{k: v for k, v in own.items() if k not in base}, **base} for own, base in merged_extras]
-        return pa.table({**columns, "extra_info": pa.array(extras)})
 
-    path = Path(path)
+def _extra_info_column(merged_extras: list[tuple[dict, dict]], json_fallback: bool):
+    """The `extra_info` column: own fields merged as a struct, or (fallback) kept as one JSON string."""
+    import pyarrow as pa
+
+    if json_fallback:
+        extras = [
+            {**base, "source_extra_info": json.dumps(_jsonable(own), sort_keys=True)}
+            for own, base in merged_extras
+        ]
+    else:
+        extras = [{**{k: v for k, v in own.items() if k not in base}, **base} for own, base in merged_extras]
+    return pa.array(extras)
+
+
+def _write_atomically(build, path: Path) -> Path:
+    """Write `build(json_fallback=False)` to `path` through a temporary file, or `build(True)` when the
+    merged extra info does not fit one struct type parquet can store."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -1,7 +1,7 @@
 """The one interface every task source implements (`arith`, `parquet`, `v0_release`, ...).
 
-A task source is a **class** registered in `v0_data.tasks.SOURCES` under its name when its module is
-imported:
+A task source is a **class** registered in `v0_data.tasks.SOURCES` (defined in `registry.py`) under
+its name when its module is imported (the package imports the built-in ones):
 
     @SOURCES.register("parquet")
     class ParquetSource:

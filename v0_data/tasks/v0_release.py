@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, NamedTuple, Sequence
 
-from v0_data.tasks import SOURCES
+from v0_data.tasks.registry import SOURCES
 from v0_data.tasks.base import Prompt, make_prompt_id
 
 DEFAULT_N = 10
