@@ -43,31 +43,41 @@ class Round(NamedTuple):
 
 class OslaResult(NamedTuple):
     """counts (B,) int64 rollouts per prompt (k_i); sums (B,) float64 Σ ±1 rewards per prompt; rounds: one
-    `Round` per dispatch; t_plan: seconds spent in the planner."""
+    `Round` per dispatch; t_plan: seconds spent in the planner; priors (B,) the priors used (resolved)."""
 
     counts: np.ndarray
     sums: np.ndarray
     rounds: tuple[Round, ...]
     t_plan: float
+    priors: np.ndarray
 
 
 def run_osla(
-    priors: np.ndarray,
+    priors: np.ndarray | Callable[[], np.ndarray],
     cfg: OslaConfig,
     dispatch: DispatchFn,
     *,
+    n_prompts: int | None = None,
     max_rounds: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> OslaResult:
     """Cold start, then OSLA rounds until the planner asks for nothing (or `max_rounds` dispatches).
 
-    priors: (B,) V per prompt, NaN = no prior. The cap bounds the loop by 1 + ceil((k_max - k_init) / step)
-    dispatches; `max_rounds` is an optional tighter bound.
+    priors: (B,) V per prompt, NaN = no prior; or a zero-argument callable returning them, called after the
+    cold-start dispatch (the cold start gives every prompt k_init whatever the prior says, so the prior can be
+    computed while round 0 generates, e.g. `future.result`); then `n_prompts` must be given.
+    The cap bounds the loop by 1 + ceil((k_max - k_init) / step) dispatches; `max_rounds` is an optional
+    tighter bound.
     """
-    priors = np.asarray(priors, dtype=np.float64)  # [B]
-    if priors.ndim != 1:
-        raise ValueError(f"priors: expected shape (B,), one per prompt, got {priors.shape}")
-    n = priors.shape[0]
+    pending = priors if callable(priors) else None
+    if pending is None:
+        priors = _check_priors(priors, None)
+        n = priors.shape[0]
+    elif n_prompts is None:
+        raise ValueError("run_osla: give n_prompts when the priors come from a callable")
+    else:
+        n = int(n_prompts)
+        priors = np.full(n, np.nan)  # the cold start does not look at the prior
     counts = np.zeros(n, dtype=np.int64)  # [B]
     sums = np.zeros(n, dtype=np.float64)  # [B]
     rounds: list[Round] = []
@@ -90,9 +100,20 @@ def run_osla(
         counts += np.bincount(rows, minlength=n)
         sums += np.bincount(rows, weights=rewards, minlength=n)
         rounds.append(Round(len(rounds), int((extra > 0).sum()), int(rows.size), clock() - t1))
+        if pending is not None:  # after the cold start: the planner needs the prior from now on
+            priors, pending = _check_priors(pending(), n), None
     if not rounds and n:
         raise RuntimeError("OSLA: the planner dispatched nothing in the cold start; check OslaConfig.k_init")
-    return OslaResult(counts, sums, tuple(rounds), t_plan)
+    if pending is not None:
+        priors = _check_priors(pending(), n)
+    return OslaResult(counts, sums, tuple(rounds), t_plan, priors)
+
+
+def _check_priors(priors: np.ndarray, n: int | None) -> np.ndarray:
+    out = np.asarray(priors, dtype=np.float64)  # [B]
+    if out.ndim != 1 or (n is not None and out.shape[0] != n):
+        raise ValueError(f"priors: expected shape ({n if n is not None else 'B'},), one per prompt, got {out.shape}")
+    return out
 
 
 __all__ = ["DispatchFn", "Dispatched", "OslaResult", "Round", "run_osla"]
