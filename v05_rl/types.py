@@ -84,6 +84,20 @@ class AdvantageStats:
 
 
 @dataclass(frozen=True)
+class PriorQuality:
+    """How well the step's priors predicted the step's own rollouts (NaN without priors).
+
+    auc: rollout-level ROC AUC of the prompt's prior V as a score for the rollout's success; brier: mean over
+    prompts of ((V + 1)/2 − p̂_k)² with p̂_k the prompt's k-rollout success rate; brier_mean: the same for
+    the constant prediction "the step's mean success rate" (a prior is useful only when brier < brier_mean).
+    Both Brier scores include the sampling noise of p̂_k, equally."""
+
+    auc: float = float("nan")
+    brier: float = float("nan")
+    brier_mean: float = float("nan")
+
+
+@dataclass(frozen=True)
 class UpdateStats:
     """Token-averaged metrics of the PPO update; grad_norm before clipping, mean over optimizer steps."""
 
@@ -113,6 +127,9 @@ class StepStats:
     prior_missing: float  # share of prompts without a prior (NaN)
     w_mean: float  # mean fusion weight ŵ (1 = empirical mean only)
     prior_abs_err: float  # oracle-noise: mean |V - truth|, else NaN
+    prior_auc: float  # rollout-level AUC of the prior against this step's rewards (PriorQuality)
+    prior_brier: float  # Brier score of (V + 1)/2 against this step's k-rollout success rates
+    prior_brier_mean: float  # Brier score of the step's mean success rate (the no-skill reference)
     zero_var_groups: float  # share of generated groups with zero reward variance
     dapo_tries: int
     pg_loss: float
@@ -144,4 +161,4 @@ def zero_variance(rewards: np.ndarray, group: np.ndarray, n_groups: int) -> np.n
     return var <= 1e-12
 
 
-__all__ = ["AdvantageStats", "Chunk", "Collected", "StepStats", "UpdateStats", "zero_variance"]
+__all__ = ["AdvantageStats", "Chunk", "Collected", "PriorQuality", "StepStats", "UpdateStats", "zero_variance"]

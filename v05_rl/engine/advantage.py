@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from v0_model.metrics import auc
 from v05_rl.estimators import ESTIMATORS, v05_group_stats
-from v05_rl.types import AdvantageStats
+from v05_rl.types import AdvantageStats, PriorQuality
 
 
 def estimator_options(name: str, cfg: Any) -> dict[str, Any]:
@@ -46,4 +47,22 @@ def compute_advantages(name: str, options: dict[str, Any], rewards: np.ndarray, 
     return adv, AdvantageStats()
 
 
-__all__ = ["compute_advantages", "estimator_options", "fusion_stats"]
+def prior_quality(rewards: np.ndarray, group: np.ndarray, priors: np.ndarray) -> PriorQuality:
+    """The step's priors scored against the step's own rollouts (prompts without a prior left out).
+
+    Shapes: rewards (N,) ±1, group (N,) in [0, G), priors (G,) NaN = none."""
+    has = ~np.isnan(priors)  # [G]
+    if not has.any() or len(rewards) == 0:
+        return PriorQuality()
+    counts = np.bincount(group, minlength=len(priors))  # [G]
+    rate = (np.bincount(group, weights=rewards, minlength=len(priors)) / np.maximum(counts, 1) + 1.0) / 2.0  # [G]
+    rows = has[group]  # [N] rollouts of prompts with a prior
+    p_prior = (priors[has] + 1.0) / 2.0
+    return PriorQuality(
+        auc=auc(rewards[rows] > 0, priors[group[rows]]),
+        brier=float(np.mean((p_prior - rate[has]) ** 2)),
+        brier_mean=float(np.mean((rate[has].mean() - rate[has]) ** 2)),
+    )
+
+
+__all__ = ["compute_advantages", "estimator_options", "fusion_stats", "prior_quality"]

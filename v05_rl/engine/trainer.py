@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from v0_data.tasks.base import Prompt
-from v05_rl.engine.advantage import compute_advantages, estimator_options
+from v05_rl.engine.advantage import compute_advantages, estimator_options, prior_quality
 from v05_rl.engine.collect import (
     RewardFn,
     RolloutSource,
@@ -208,6 +208,7 @@ class Trainer:
                     t_alloc: float, t_update: float, t_step: float) -> StepStats:
         rewards, counts = col.rewards, col.counts
         n = len(col.prompts)
+        quality = prior_quality(rewards, col.group, col.priors)
         return StepStats(
             step=self.step,
             rollouts=col.generated,
@@ -224,6 +225,9 @@ class Trainer:
             prior_missing=adv.prior_missing,
             w_mean=adv.w_mean,
             prior_abs_err=self._prior_error(col.priors),
+            prior_auc=quality.auc,
+            prior_brier=quality.brier,
+            prior_brier_mean=quality.brier_mean,
             zero_var_groups=col.zero_var,
             dapo_tries=col.dapo_tries,
             pg_loss=upd.pg_loss,
