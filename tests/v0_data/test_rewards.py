@@ -186,6 +186,7 @@ def test_workers_that_cannot_start_are_given_up_and_the_pool_rebuilt():
         assert all(o.error == "no worker could start (start-up timeout)" for o in outs), outs
         assert elapsed < 30  # ~2 s of waiting plus stopping the stuck worker, not 60 s
         pool.initializer = None  # the next call builds a fresh pool
+        pool.startup_timeout_s = 120.0  # a spawned worker can take seconds to start on a loaded machine
         assert pool.run(abs, [(-3,)], task_deadline_s=30.0) == [R.Outcome(True, 3, "")]
     finally:
         pool.shutdown()
