@@ -4,15 +4,19 @@
                     their per-(model, step, prompt) scores) into a store;
 - `export_verl`     a task source as verl RL parquet;
 - `ingest_rollouts` rollouts generated elsewhere (a verl generation dump, any Parquet / JSON-lines file);
-- `store_summary` / `format_summary`, `run_sql` / `format_result`: what `data info` and `sql` print.
+- `store_summary` / `format_summary`, `run_sql` / `format_result`: what `data info` and `sql` print;
+- `check_store` / `repair_store` (+ `format_check` / `format_repair`): `data check` and `data repair`.
 
-Bad input raises `ValueError` naming the file, the row and the fix (`OptionError` when one command-line
-option controls it); the CLI turns both into click errors.
+Every command that writes validates all of its input first and commits it in one manifest transaction
+(`TrajectoryStore.ingest`): a refused import or ingest leaves the store exactly as it was. Bad input
+raises `ValueError` naming the file, the row and the fix (`OptionError` when one command-line option
+controls it); the CLI turns both into click errors. JSON output maps NaN / infinity to null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,26 +53,44 @@ def make_source(name: str, options: Mapping[str, Any]):
 
 def export_verl(path: str | None, out_path: Path, *, source_name: str = "arith", split: str | None = None,
                 options: Mapping[str, Any] | None = None, data_source: str | None = None,
-                instruction: str | None = None) -> Path:
-    """Write the prompts of `path` (read by task source `source_name`) as verl RL parquet; returns the file."""
+                instruction: str | None = None, allow_missing_answers: bool = False) -> Path:
+    """Write the prompts of `path` (read by task source `source_name`) as verl RL parquet; returns the file.
+
+    Prompts without an answer are refused (verl's reward would compare every response with an empty
+    `ground_truth` and score it 0) unless `allow_missing_answers`.
+    """
     from v0_data.tasks.parquet import write_verl_parquet
 
     source = make_source(source_name, options or {})
     prompts = source.load(path, split=split)
     if not prompts:
         raise ValueError(f"{path or source_name}: no prompts" + (f" in split {split!r}" if split else ""))
+    missing = [i for i, p in enumerate(prompts) if p.answer is None or not str(p.answer).strip()]
+    if missing and not allow_missing_answers:
+        first = prompts[missing[0]]
+        raise ValueError(
+            f"{path or source_name}: {len(missing):,} of {len(prompts):,} prompts have no answer (first: row "
+            f"{missing[0]}, {first.text[:50]!r}); verl would write ground_truth '' and score every response as wrong; "
+            "fix: give the answers, or pass --allow-missing-answers to export them anyway"
+        )
     written = write_verl_parquet(prompts, out_path, data_source=data_source, instruction=instruction)
     click.echo(f"{len(prompts):,} prompts -> {written}")
     return written
 
 
 def import_source(path: str | None, store_dir: Path, *, source_name: str, split: str | None = None,
-                  options: Mapping[str, Any] | None = None) -> tuple[int, int]:
-    """Add the prompts of `path` (and its scores, when the source has them) to the store.
+                  options: Mapping[str, Any] | None = None, name: str | None = None,
+                  replace: bool = False) -> tuple[int, int]:
+    """Add the prompts of `path` (and its scores, when the source has them) to the store, in one commit.
 
-    Idempotent: prompts already in the store are skipped; scores replace those of an earlier import of
-    the same source and folder name. Returns (new prompts, scores imported).
+    The scores go to the part `<source>-<name>` (`name` defaults to the folder name of `path`, plus the
+    split). A part remembers the resolved path it came from and a digest of its rows: importing the same
+    rows again is a no-op, different rows under an existing name are refused unless `replace` (or give
+    another `name` to keep both). Prompts already in the store are skipped. Returns (new prompts, scores
+    written).
     """
+    from v0_data.store import PartConflictError, ScorePart
+
     source = make_source(source_name, options or {})
     label = path if path is not None else source_name
     prompts = source.load(path, split=split)
@@ -79,20 +101,36 @@ def import_source(path: str | None, store_dir: Path, *, source_name: str, split:
 
         keep = {p.prompt_id for p in prompts}
         scores = scores.filter(pc.is_in(scores.column("prompt_id"), value_set=pa.array(sorted(keep), pa.int64())))
+    spec = None
+    if scores is not None:
+        origin = str(Path(path).resolve())
+        spec = ScorePart(scores, part=score_part_name(source_name, path, split, name), origin=origin, replace=replace)
     with open_store(store_dir, read_only=False, create=True) as store:
-        added = store.add_prompts(prompts, source=str(label))
-        n_scores = 0
-        if scores is not None:
-            part = f"{source_name}-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(path).resolve().name)}"
-            if split is not None:
-                part += f"-{re.sub(r'[^A-Za-z0-9._-]+', '-', split)}"
-            n_scores = store.add_scores(scores, part=part[:100], source=str(label))
-        click.echo(
-            f"{label}: {len(prompts):,} prompts read, {added:,} new"
-            + (f"; {n_scores:,} scores imported" if scores is not None else "")
-            + f" -> {store.root}"
-        )
-    return added, n_scores
+        try:
+            result = store.ingest(prompts=prompts, scores=spec, source=str(label))
+        except PartConflictError as err:
+            raise ValueError(
+                f"{label}: the store {store.root} already has scores imported as {err.part!r} from "
+                f"{err.old_origin or 'an earlier import'} ({err.old_rows:,} rows), and {err.new_origin} holds different "
+                f"scores ({err.new_rows:,} rows); nothing was imported; fix: pass --replace to replace them, or "
+                "--name NAME to keep both"
+            ) from None
+        note = ""
+        if spec is not None:
+            note = (f"; scores {spec.part!r} unchanged (same content already imported)" if result.scores_unchanged
+                    else f"; {result.scores:,} scores imported as {spec.part!r}")
+        click.echo(f"{label}: {len(prompts):,} prompts read, {result.prompts:,} new{note} -> {store.root}")
+    return result.prompts, result.scores
+
+
+def score_part_name(source_name: str, path: str, split: str | None, name: str | None) -> str:
+    """`<source>-<name or folder name>[-<split>]`, made of `[A-Za-z0-9._-]`, at most 100 characters."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,80}", name):
+        raise OptionError(f"{name!r} must be 1-80 letters, digits, '.', '_' or '-'", "--name")
+    part = f"{source_name}-{name or re.sub(r'[^A-Za-z0-9._-]+', '-', Path(path).resolve().name)}"
+    if split is not None:
+        part += f"-{re.sub(r'[^A-Za-z0-9._-]+', '-', split)}"
+    return part[:100]
 
 
 # ====================================================================================== ingest-rollouts
@@ -110,9 +148,49 @@ def read_rollout_file(path: Path, fmt: str = "auto"):
             return pq.read_table(path)
         import pyarrow.json as pj
 
+        if not is_utf8(path):  # pyarrow's JSON reader lets invalid UTF-8 through into the strings
+            raise ValueError(f"{path}: {first_bad_json_line(path)}; fix: write the file as UTF-8 JSON lines")
+
         return pj.read_json(path, read_options=pj.ReadOptions(block_size=1 << 26))
     except (pa.ArrowInvalid, OSError) as err:
+        where = first_bad_json_line(path) if fmt == "jsonl" else None
+        if where is not None:
+            raise ValueError(f"{path}: {where}; fix: write the file as UTF-8 JSON lines, one object per line") from None
         raise ValueError(f"{path}: not a readable {fmt} file ({err}); fix: pass a {fmt} file (or set --format)") from None
+
+
+def is_utf8(path: Path) -> bool:
+    """Whether a file is valid UTF-8 (streamed in 8 MiB blocks)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            for block in iter(lambda: handle.read(1 << 23), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def first_bad_json_line(path: Path) -> str | None:
+    """'line N ...' for the first line of a JSON-lines file that is not UTF-8 or not a JSON object, else None."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} is not UTF-8 (byte {err.start} of the line is 0x{raw[err.start]:02x})"
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not JSON ({err.msg} at column {err.colno})"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
 
 
 def rename_columns(table, renames: Mapping[str, str], file: Path):
@@ -138,10 +216,13 @@ def add_constant(table, name: str, value: str | None, file: Path, option: str):
 
 
 def rewards_from_threshold(table, threshold: float, where: str):
-    """Scores -> rewards: +1 where score > threshold, else -1 (int8)."""
+    """Scores -> rewards: +1 where score > threshold, else -1 (int8). NaN thresholds and scores are refused."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if not math.isfinite(threshold):
+        raise OptionError(f"{threshold} is not a finite number; give the score above which a rollout succeeded, e.g. 0",
+                          "--threshold")
     if "reward" not in table.column_names:
         return table
     reward = table.column("reward")
@@ -150,7 +231,12 @@ def rewards_from_threshold(table, threshold: float, where: str):
     if reward.null_count:
         row = pc.index(pc.is_null(reward), True).as_py()
         raise ValueError(f"{where}: row {row} column 'reward' is null; fix: give every rollout a score")
-    above = pc.greater(pc.cast(reward, pa.float64()), threshold)
+    as_float = pc.cast(reward, pa.float64())
+    nan = pc.is_nan(as_float)
+    if pc.any(nan).as_py():
+        row = pc.index(nan, True).as_py()
+        raise ValueError(f"{where}: row {row} column 'reward' is NaN; fix: drop the row or give its score")
+    above = pc.greater(as_float, threshold)
     rewards = pc.if_else(above, pa.scalar(1, pa.int8()), pa.scalar(-1, pa.int8()))
     return table.set_column(table.column_names.index("reward"), "reward", rewards)
 
@@ -187,6 +273,15 @@ def require_model(table, where: str) -> None:
     if table.column("model").null_count:
         row = pc.index(pc.is_null(table.column("model")), True).as_py()
         raise ValueError(f"{where}: row {row} column 'model' is null; fix: give every row its policy name")
+    import pyarrow as pa
+
+    model = table.column("model")
+    if not (pa.types.is_string(model.type) or pa.types.is_large_string(model.type)):
+        raise ValueError(f"{where}: column 'model' has type {model.type}, expected text; fix: give policy names")
+    blank = pc.equal(pc.utf8_trim_whitespace(model), "")
+    if pc.any(blank).as_py():
+        row = pc.index(blank, True).as_py()
+        raise ValueError(f"{where}: row {row} column 'model' is empty; fix: give every row its policy name (or --model)")
 
 
 def attach_prompt_ids(table, where: str, *, add_prompts: bool):
@@ -248,15 +343,22 @@ def prepare_rollouts(table, file: Path, *, model: str | None = None, zero_one: b
     return attach_prompt_ids(table, where, add_prompts=add_prompts)
 
 
-def write_rollouts(store, table, file: Path, *, run_id: str | None, algorithm: str, policy_path: str | None,
-                   part: int) -> int:
-    """Append `table` to the store, one run per distinct run_id (else per model); returns the rows written."""
+def group_runs(table, file: Path, *, run_id: str | None, algorithm: str, policy_path: str | None) -> list:
+    """`RunRollouts`, one per distinct run_id (else per model), of a prepared rollout table.
+
+    Every run is checked here (one model per run, a valid run id) before anything is written.
+    """
     import pyarrow.compute as pc
+
+    from v0_data.store import RunRollouts
 
     where = str(file)
     run_col = "run_id" if "run_id" in table.column_names else "model"
+    if table.column(run_col).null_count:
+        row = pc.index(pc.is_null(table.column(run_col)), True).as_py()
+        raise ValueError(f"{where}: row {row} column {run_col!r} is null; fix: give every row its {run_col}")
     groups = pc.unique(table.column(run_col)).to_pylist()
-    total = 0
+    runs = []
     for key in groups:
         subset = table if len(groups) == 1 else table.filter(pc.equal(table.column(run_col), key))
         models = pc.unique(subset.column("model")).to_pylist()
@@ -264,15 +366,14 @@ def write_rollouts(store, table, file: Path, *, run_id: str | None, algorithm: s
             raise ValueError(f"{where}: run {key!r} has several models {models[:3]}; fix: one model per run_id")
         rid = run_id or (key if run_col == "run_id" else f"ingest-{slug(models[0])}")
         rid = slug(rid) if run_col != "run_id" else rid
-        rid = store.start_run(models[0], policy_path=policy_path, algorithm=algorithm,
-                              config={"ingested_from": str(file.resolve())}, run_id=rid)
-        label = where if len(groups) == 1 else f"{where} (rows of {run_col} {key!r}, numbered within them)"
         drop = [c for c in ("dataset", "prompt", "split") if c in subset.column_names]
-        n = store.append_rollouts(rid, subset.drop_columns(drop), part=part, source=label)
-        store.finish_run(rid, "finished")
-        total += n
-        click.echo(f"run {rid}: {n:,} rollouts")
-    return total
+        try:
+            runs.append(RunRollouts(run_id=rid, model=models[0], rollouts=subset.drop_columns(drop),
+                                    policy_path=policy_path, algorithm=algorithm,
+                                    config={"ingested_from": str(file.resolve())}))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    return runs
 
 
 def ingest_rollouts(file: Path, store_dir: Path, *, fmt: str = "auto", model: str | None = None,
@@ -282,24 +383,25 @@ def ingest_rollouts(file: Path, store_dir: Path, *, fmt: str = "auto", model: st
                     renames: Mapping[str, str] | None = None) -> int:
     """Bulk-import rollouts generated elsewhere from `file`; returns the rollouts written.
 
-    Rows replace those of the same (run, step, part): ingesting a file again never duplicates.
+    The whole file is validated (every run, every row) before anything is written, then its new prompts,
+    rollout files and runs commit in one transaction: a refused file leaves the store unchanged. Rows
+    replace those of the same (run, step, part): ingesting a file again never duplicates.
     """
-    import pyarrow.compute as pc
-
     table = read_rollout_file(file, fmt)
     table, new_prompts = prepare_rollouts(table, file, model=model, zero_one=zero_one_rewards,
                                           threshold=threshold, dataset=dataset, add_prompts=add_prompts,
                                           renames=renames)
-    run_col = "run_id" if "run_id" in table.column_names else "model"
-    n_runs = len(pc.unique(table.column(run_col)))
-    if run_id is not None and n_runs > 1:
-        raise OptionError(f"{file} holds {n_runs} {run_col}s; --run-id needs one", "--run-id")
+    runs = group_runs(table, file, run_id=run_id, algorithm=algorithm, policy_path=policy_path)
+    if run_id is not None and len(runs) > 1:
+        run_col = "run_id" if "run_id" in table.column_names else "model"
+        raise OptionError(f"{file} holds {len(runs)} {run_col}s; --run-id needs one", "--run-id")
     with open_store(store_dir, read_only=False, create=True) as store:
+        result = store.ingest(prompts=new_prompts, runs=runs, part=part, source=str(file))
         if new_prompts is not None:
-            added = store.add_prompts(new_prompts, source=str(file))
-            click.echo(f"{added:,} new prompts added")
-        total = write_rollouts(store, table, file, run_id=run_id, algorithm=algorithm, policy_path=policy_path,
-                               part=part)
+            click.echo(f"{result.prompts:,} new prompts added")
+        for rid, n in result.rollouts.items():
+            click.echo(f"run {rid}: {n:,} rollouts")
+        total = sum(result.rollouts.values())
         click.echo(f"{total:,} rollouts ingested from {file} -> {store.root}")
     return total
 
@@ -344,30 +446,64 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 def run_sql(query: str, store_dir: Path):
-    """Read-only DuckDB SQL over a store, as an Arrow table (writing statements are refused)."""
+    """DuckDB SQL over a store in a session that can only read the store's committed files (Arrow table).
+
+    The guard is `ReadOnlySession` (DuckDB's own settings); `check_sql` before it only words the refusal
+    of an obviously writing statement more plainly.
+    """
     from v0_data.store import check_sql
 
     check_sql(query)
-    with open_store(store_dir, read_only=True) as store:
-        try:
-            return store.query(query)
-        except ValueError:
-            raise
-        except Exception as err:  # DuckDB errors: bad column, type mismatch, ...
-            raise ValueError(f"query failed: {err}") from None
+    with open_store(store_dir, read_only=True) as store, store.read_only_session() as session:
+        return session.execute(query)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN / +-infinity floats replaced by None (JSON has no such numbers), decimals as
+    floats, recursively."""
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (NaN -> null; dates and other objects as text)."""
+    return json.dumps(json_safe(value), allow_nan=False, default=str, **kwargs)
+
+
+def flatten_nested(result):
+    """Columns of list / struct / map type JSON-encoded as text (CSV has no nested values)."""
+    import pyarrow as pa
+
+    for i, column in enumerate(result.schema):
+        if pa.types.is_nested(column.type):
+            values = [None if v is None else to_json(v) for v in result.column(i).to_pylist()]
+            result = result.set_column(i, column.name, pa.array(values, pa.string()))
+    return result
 
 
 def format_result(result, fmt: str = "table", max_rows: int = 100) -> str:
-    """An Arrow table as `v05 sql` prints it (csv, one JSON array, or an aligned table); ends with a newline."""
+    """An Arrow table as `v05 sql` prints it (csv, one JSON array, or an aligned table); ends with a newline.
+
+    CSV writes list / struct columns as JSON text; JSON writes NaN and infinities as null.
+    """
     if fmt == "csv":
         import pyarrow as pa
         import pyarrow.csv as pcsv
 
         sink = pa.BufferOutputStream()
-        pcsv.write_csv(result, sink)
+        pcsv.write_csv(flatten_nested(result), sink)
         return sink.getvalue().to_pybytes().decode("utf-8")
     if fmt == "json":
-        return json.dumps(result.to_pylist(), default=str) + "\n"
+        return to_json(result.to_pylist()) + "\n"
     import pandas as pd
 
     frame = result.to_pandas()
@@ -379,8 +515,68 @@ def format_result(result, fmt: str = "table", max_rows: int = 100) -> str:
     return text
 
 
+# ====================================================================================== check and repair
+
+
+def check_store(store_dir: Path):
+    """`TrajectoryStore.check()` of a store opened read-only (no lock: safe beside a writer)."""
+    with open_store(store_dir, read_only=True) as store:
+        return store.check()
+
+
+def format_check(report) -> str:
+    """What `v05 data check` prints: a verdict line, then one line per problem, then the fix."""
+    extra = f"; {report.files - report.checksummed:,} without a recorded checksum (size and footer only)" \
+        if report.checksummed < report.files else ""
+    head = f"store {report.root}: {report.files:,} committed files checked{extra}"
+    if report.ok:
+        return f"{head}\nok: every committed file is intact, no orphans, the views build"
+    lines = [head, f"{len(report.problems)} problem(s):"] + [f"  {p}" for p in report.problems]
+    if report.writer_active:
+        lines.append("  (a writer holds the lock: its files in flight show as orphans; check again when it is done)")
+    lines.append(f"fix: `v05 data repair --store {report.root}` moves the broken parts and orphans to "
+                 f"{report.root}/quarantine/ and keeps every intact file")
+    return "\n".join(lines)
+
+
+def repair_store(store_dir: Path):
+    """`TrajectoryStore.repair()` under the write lock (orphans are quarantined, not deleted)."""
+    from v0_data.store import TrajectoryStore
+
+    with TrajectoryStore.open(store_dir, create=False, clean_orphans=False) as store:
+        return store.repair()
+
+
+def format_repair(report) -> str:
+    """What `v05 data repair` prints: every dropped part (table, file, rows), the quarantine folder."""
+    lines = []
+    for p in report.dropped:
+        lines.append(f"dropped {p.tbl} part {p.path}: {p.n_rows:,} rows ({p.kind}: {p.detail})")
+    orphans = len(report.quarantined) - sum(1 for p in report.dropped if p.path in set(report.quarantined))
+    if report.quarantine_dir:
+        lines.append(f"moved {len(report.quarantined)} file(s) ({orphans} orphan(s)) to {report.quarantine_dir}")
+    if report.checksums_recorded:
+        lines.append(f"recorded the checksum of {report.checksums_recorded:,} intact file(s) committed without one")
+    if not report.dropped:
+        lines.append("nothing to drop: every committed file is intact")
+    else:
+        rows = sum(p.n_rows or 0 for p in report.dropped)
+        lines.append(f"{len(report.dropped)} part(s), {rows:,} rows dropped; the views were rebuilt over the intact files")
+    return "\n".join(lines)
+
+
 __all__ = [
     "attach_prompt_ids",
+    "check_store",
+    "first_bad_json_line",
+    "flatten_nested",
+    "format_check",
+    "format_repair",
+    "group_runs",
+    "json_safe",
+    "repair_store",
+    "score_part_name",
+    "to_json",
     "export_verl",
     "format_result",
     "format_summary",
@@ -393,5 +589,4 @@ __all__ = [
     "run_sql",
     "slug",
     "store_summary",
-    "write_rollouts",
 ]

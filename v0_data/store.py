@@ -36,8 +36,29 @@ without a copy; other input is sorted by (step, prompt_id, sample_idx)); Parquet
 zstd then store a rollout without response text in ~3 bytes, and `prompt_stats` reads four narrow
 columns. `v05 bench store` measures this against DuckDB over one plain Parquet file.
 
-`query(..., read_only=True)` runs in an in-memory DuckDB whose views point at the files; statements
-other than SELECT / EXPLAIN are refused before they run (`check_sql`), so `v05 sql` cannot write.
+Checking and repairing (`check`, `repair`; `v05 data check / repair`): every manifest row records the
+file's size and a blake2b checksum taken when it was committed (rows of format-1 stores have none and are
+checked by size and footer only until `repair` records one). `check` compares the manifest with the files
+(missing, orphan, size, checksum, footer, row count) and builds the views; `repair` moves what is broken
+(and orphans) into `<store>/quarantine/<time>/`, drops the broken parts from the manifest in one
+transaction and keeps every intact file. A writer or reader that meets a missing or damaged committed
+file says which one and to run `v05 data repair`; a `catalog.duckdb` that is not a DuckDB file is
+reported as corrupt, not as locked.
+
+Re-imports: a score part records where it came from (`origin`, e.g. the release folder's resolved path)
+and a digest of its rows (`content`). Adding different rows under an existing part name is refused
+(`PartConflictError`) unless `replace=True`; the same rows again are a no-op.
+
+The SQL door (`read_only_session`, what `v05 sql` runs) is read-only by construction, not by inspecting
+the statement: DuckDB gets no file access at all (`enable_external_access = false`, then
+`lock_configuration = true`), the store's committed files are handed to it as Arrow datasets that
+pyarrow opens read-only, and the session's tables and views live in a private DuckDB file opened
+READ_ONLY. Departure from the obvious design, measured: DuckDB's `allowed_paths` also allows *writing*
+the listed files (`COPY ... TO '<part>' (USE_TMP_FILE false)` overwrote a committed part in DuckDB
+2.0.1), so the committed files are never put on an allow list. The price is a slower scan (Arrow
+datasets, not DuckDB's own Parquet reader) for `v05 sql` only; `query()`, `prompt_stats()` and
+`pairs()` (trusted Python callers) keep the native reader. `check_sql` only gives a friendlier message
+before the session refuses.
 """
 
 from __future__ import annotations
@@ -48,8 +69,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -60,9 +84,11 @@ import pyarrow.parquet as pq
 
 from v0_data.tasks.base import Prompt, make_prompt_id
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest rows carry checksum, content and origin
+READABLE_FORMATS = ("1", "2")  # a writer migrates a format-1 catalog to 2 when it opens it
 CATALOG_NAME = "catalog.duckdb"
 LOCK_NAME = ".write.lock"
+QUARANTINE_DIR = "quarantine"
 DATA_DIRS = ("prompts", "rollouts", "scores")
 RUN_STATUSES = ("running", "finished", "failed", "aborted")
 
@@ -158,8 +184,11 @@ CREATE TABLE IF NOT EXISTS runs (
 _MANIFEST_DDL = """
 CREATE TABLE IF NOT EXISTS _manifest (
     path VARCHAR PRIMARY KEY, tbl VARCHAR NOT NULL, key VARCHAR NOT NULL, run_id VARCHAR, step BIGINT,
-    n_rows BIGINT NOT NULL, n_bytes BIGINT NOT NULL, committed_at TIMESTAMPTZ NOT NULL
+    n_rows BIGINT NOT NULL, n_bytes BIGINT NOT NULL, committed_at TIMESTAMPTZ NOT NULL,
+    checksum VARCHAR, content VARCHAR, origin VARCHAR
 )"""
+# Columns added by format 2 (a format-1 catalog gets them, empty, when a writer opens it).
+_MANIFEST_V2_COLUMNS = ("checksum", "content", "origin")
 _META_DDL = "CREATE TABLE IF NOT EXISTS _meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
 
 # Statement types a read-only query may run (everything else could write or change settings).
@@ -170,8 +199,34 @@ class StoreLockedError(RuntimeError):
     """Another process holds the store's write lock."""
 
 
+class StoreDamagedError(ValueError):
+    """A committed file is missing or damaged; the message names it and says to run `v05 data repair`."""
+
+
+class CatalogCorruptError(ValueError):
+    """`catalog.duckdb` exists but is not a readable DuckDB database."""
+
+
+class PartConflictError(ValueError):
+    """Different rows were added under an existing part name without `replace=True`.
+
+    Attributes name both sides so that a command line can say which flag fixes it.
+    """
+
+    def __init__(self, message: str, *, part: str, old_origin: str | None, new_origin: str | None,
+                 old_rows: int, new_rows: int):
+        super().__init__(message)
+        self.part, self.old_origin, self.new_origin = part, old_origin, new_origin
+        self.old_rows, self.new_rows = old_rows, new_rows
+
+
 class ManifestEntry(NamedTuple):
-    """One committed Parquet file. `path` is relative to the store root; `key` identifies the part it fills."""
+    """One committed Parquet file. `path` is relative to the store root; `key` identifies the part it fills.
+
+    `checksum` is "blake2b:<hex>" of the file's bytes at commit time (None in format-1 stores until
+    `repair` records it); `content` a digest of a score part's rows (None elsewhere); `origin` where
+    the rows came from (e.g. the resolved path of an imported release), for messages.
+    """
 
     path: str
     tbl: str
@@ -181,6 +236,98 @@ class ManifestEntry(NamedTuple):
     n_rows: int
     n_bytes: int
     committed_at: _dt.datetime
+    checksum: str | None = None
+    content: str | None = None
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
+class RunRollouts:
+    """One run's rollouts for `TrajectoryStore.ingest` (every run of one call commits together)."""
+
+    run_id: str = field(metadata={"help": "run id: letters, digits, '.', '_', '-'"})
+    model: str = field(metadata={"help": "policy name (non-empty)"})
+    rollouts: Any = field(metadata={"help": "Arrow / pandas / dict of lists with append_rollouts' columns"})
+    policy_path: str | None = field(default=None, metadata={"help": "checkpoint path / Hub id"})
+    algorithm: str = field(default="external", metadata={"help": "algorithm recorded for the run"})
+    config: Mapping[str, Any] = field(default_factory=dict, metadata={"help": "recorded as JSON"})
+    status: str = field(default="finished", metadata={"help": f"run status after the commit, one of {RUN_STATUSES}"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"run {self.run_id!r}: model {self.model!r} is empty; fix: give every run a policy name")
+        if self.status not in RUN_STATUSES:
+            raise ValueError(f"run {self.run_id!r}: status {self.status!r} unknown; fix: use one of {RUN_STATUSES}")
+        _safe_run_id(self.run_id)
+
+
+@dataclass(frozen=True)
+class ScorePart:
+    """Imported scores for `TrajectoryStore.ingest`: rows of one named part (see `add_scores`)."""
+
+    data: Any = field(metadata={"help": "Arrow / pandas / dict of lists: model, step, prompt_id, n, score"})
+    part: str = field(default="default", metadata={"help": "part name; adding under it again replaces or no-ops"})
+    origin: str | None = field(default=None, metadata={"help": "where the rows came from (for messages)"})
+    replace: bool = field(default=False, metadata={"help": "replace a part of that name holding other rows"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.part, str) or not re.fullmatch(r"[A-Za-z0-9._=-]{1,100}", self.part):
+            raise ValueError(f"add_scores: part {self.part!r} must be a short name of letters, digits, '.', '_', '-', '='")
+
+
+class IngestResult(NamedTuple):
+    """What one `TrajectoryStore.ingest` call committed."""
+
+    prompts: int  # new prompts
+    rollouts: dict[str, int]  # run_id -> rollouts written
+    scores: int  # score rows written (0 when `scores_unchanged`)
+    scores_unchanged: bool  # the same rows were already stored under that part name
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `TrajectoryStore.check` (kind: missing, size, checksum, unreadable, rows, orphan, views)."""
+
+    kind: str
+    tbl: str | None
+    path: str | None
+    n_rows: int | None
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"{self.tbl}: {self.path}" if self.path else (self.tbl or "store")
+        rows = f" ({self.n_rows:,} rows)" if self.n_rows is not None else ""
+        return f"{self.kind:<10} {where}{rows}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """`TrajectoryStore.check`'s result: problems (empty when healthy) and what was looked at."""
+
+    root: str
+    files: int  # committed files checked
+    checksummed: int  # of those, with a recorded checksum (the rest: size and footer only)
+    problems: tuple[Problem, ...]
+    writer_active: bool  # another process held the write lock (its files in flight show as orphans)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def broken(self) -> tuple[Problem, ...]:
+        """Problems with committed files (what `repair` drops from the manifest)."""
+        return tuple(p for p in self.problems if p.kind not in ("orphan", "views"))
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """`TrajectoryStore.repair`'s result: what was dropped or moved, and where it went."""
+
+    dropped: tuple[Problem, ...]  # committed parts removed from the manifest (their rows are gone)
+    quarantined: tuple[str, ...]  # files moved, relative to the store root
+    quarantine_dir: str | None
+    checksums_recorded: int  # intact format-1 rows that got their checksum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +548,10 @@ def _group_rollouts(table: pa.Table, *, numbered: bool, source: str) -> pa.Table
 def _check_score_values(table: pa.Table, *, source: str) -> None:
     """Refuse scores outside [-1, 1] and counts n < 1 (SCORE_SCHEMA table)."""
     score = table.column("score")
+    nan = pc.is_nan(score)
+    if pc.any(nan).as_py():
+        row = pc.index(nan, True).as_py()
+        raise ValueError(f"{source}: row {row} column 'score' is NaN; fix: drop the row or give the measured mean reward")
     row = _first_false(pc.and_(pc.greater_equal(score, -1.0), pc.less_equal(score, 1.0)))
     if row is not None:
         raise ValueError(f"{source}: row {row} column 'score' is {score[row].as_py()}, outside [-1, 1]; fix: {_SCORE_FIXES['score']}")
@@ -453,11 +604,12 @@ class TrajectoryStore:
     # -- opening, locking, closing ------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, create: bool = True, read_only: bool = False) -> "TrajectoryStore":
+    def open(cls, path: str | os.PathLike, create: bool = True, read_only: bool = False,
+             clean_orphans: bool = True) -> "TrajectoryStore":
         """Open the store at `path`; create it when `create` (and not `read_only`) and absent.
 
         Opening for writing takes the write lock (one writer at a time), then deletes orphan files left
-        by a crashed writer.
+        by a crashed writer (unless `clean_orphans=False`: `repair` quarantines them instead).
         """
         root = Path(path).expanduser().resolve()
         catalog = root / CATALOG_NAME
@@ -469,7 +621,10 @@ class TrajectoryStore:
                 )
             if root.exists() and not root.is_dir():
                 raise ValueError(f"store path {root} is a file; fix: pass a directory")
-            root.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"cannot create the store {root} ({err.strerror}); fix: choose a writable folder") from None
         if read_only:
             return cls(root, read_only=True, lock_fd=None)
         lock_fd = _acquire_lock(root)
@@ -478,7 +633,8 @@ class TrajectoryStore:
         except BaseException:
             os.close(lock_fd)
             raise
-        store.clean_orphans()
+        if clean_orphans:
+            store.clean_orphans()
         return store
 
     def close(self) -> None:
@@ -525,20 +681,18 @@ class TrajectoryStore:
         """
         with _catalog(self._duck, self.root, read_only=True) as con:
             meta = dict(con.execute("SELECT key, value FROM _meta").fetchall())
-            if meta.get("format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
+            if meta.get("format_version", str(FORMAT_VERSION)) not in READABLE_FORMATS:
                 raise ValueError(
-                    f"store {self.root} has format version {meta['format_version']}, this code reads version "
-                    f"{FORMAT_VERSION}; fix: use the matching v05 version"
+                    f"store {self.root} has format version {meta['format_version']}, this code reads versions "
+                    f"{' and '.join(READABLE_FORMATS)}; fix: use the matching v05 version"
                 )
             generation = meta.get("generation")
             if generation is not None and generation == self._generation:
                 return
             self._generation = generation
-            rows = con.execute(
-                "SELECT path, tbl, key, run_id, step, n_rows, n_bytes, committed_at FROM _manifest ORDER BY tbl, key"
-            ).fetchall()
+            manifest = _read_manifest(con, legacy=meta.get("format_version") == "1")
             self._set_runs(con)
-        self._manifest = [ManifestEntry(*row) for row in rows]
+        self._manifest = manifest
         self._known_ids = None
         self._views_stale = True
 
@@ -552,8 +706,22 @@ class TrajectoryStore:
             self._build_views()
         return self._duck
 
+    def _missing_files(self) -> list[ManifestEntry]:
+        """Committed files that are not on disk (a stat per file: ~1 us each)."""
+        return [e for e in self._manifest if not (self.root / e.path).is_file()]
+
     def _build_views(self) -> None:
-        self._views_stale = False
+        missing = self._missing_files()
+        if missing and self.read_only:  # a writer may just have replaced a part: read the manifest again
+            self._reload()
+            missing = self._missing_files()
+        if missing:
+            e = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise StoreDamagedError(
+                f"the store {self.root} lists {e.path} ({e.tbl}, {e.n_rows:,} rows) but the file is missing{more}; "
+                f"fix: {repair_hint(self.root)}"
+            )
         con = self._duck
         con.execute("DROP TABLE IF EXISTS runs")
         con.register("_runs_arrow", self._runs)
@@ -563,8 +731,17 @@ class TrajectoryStore:
         con.register("_manifest_arrow", manifest)
         con.execute("CREATE OR REPLACE TABLE _manifest AS SELECT * FROM _manifest_arrow")
         con.unregister("_manifest_arrow")
-        for sql in _view_statements({tbl: self._paths(tbl) for tbl in DATA_DIRS}, temporary=False):
-            con.execute(sql)
+        import duckdb
+
+        try:
+            for sql in _view_statements({tbl: self._paths(tbl) for tbl in DATA_DIRS}, temporary=False):
+                con.execute(sql)
+        except duckdb.Error as err:  # a damaged file's footer (views bind to the first file of each table)
+            raise StoreDamagedError(
+                f"the store {self.root} has a damaged committed file ({str(err).splitlines()[0]}); "
+                f"fix: {repair_hint(self.root)}"
+            ) from None
+        self._views_stale = False
 
     def refresh(self) -> None:
         """Re-read the catalog (a reader sees what writers committed since it opened)."""
@@ -573,12 +750,12 @@ class TrajectoryStore:
 
     # -- writing files ----------------------------------------------------------------------------
 
-    def _write_parts(self, parts: list[tuple[pa.Table, str]]) -> list[int]:
-        """Write each (table, relpath) durably under its final name; returns the sizes in bytes.
+    def _write_parts(self, parts: list[tuple[pa.Table, str]]) -> list[tuple[int, str]]:
+        """Write each (table, relpath) durably under its final name; returns (size in bytes, checksum) each.
 
-        Each table goes to a temporary name first; all are fsynced (in parallel threads: fsync releases
-        the GIL and the disk merges the flushes), then renamed into place, then each folder is fsynced
-        once so the renames survive a power cut. Nothing lists these files until `_commit`.
+        Each table goes to a temporary name first; all are checksummed and fsynced (in parallel threads:
+        hashing and fsync release the GIL), then renamed into place, then each folder is fsynced once so
+        the renames survive a power cut. Nothing lists these files until `_commit`.
         """
         tmps = []
         try:
@@ -588,35 +765,36 @@ class TrajectoryStore:
                 tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
                 tmps.append((tmp, final))
                 pq.write_table(table, tmp, **PARQUET_OPTIONS)
-            _fsync_all([tmp for tmp, _ in tmps])
+            checksums = _seal_all([tmp for tmp, _ in tmps])
             for tmp, final in tmps:
                 os.replace(tmp, final)
             _fsync_all(sorted({final.parent for _, final in tmps}))
-            return [final.stat().st_size for _, final in tmps]
+            return [(final.stat().st_size, checksum) for (_, final), checksum in zip(tmps, checksums)]
         except Exception:  # e.g. disk full: remove what this call wrote, nothing lists it
             for tmp, final in tmps:
                 _unlink_quietly(tmp)
                 _unlink_quietly(final)
             raise
 
-    def _commit(self, entries: list[ManifestEntry]) -> None:
-        """Insert `entries` into the manifest in one transaction, replacing the parts with the same keys.
+    def _commit(self, entries: list[ManifestEntry], runs: Sequence[tuple] = ()) -> None:
+        """Insert `entries` (and upsert `runs` rows) in one transaction, replacing the parts with the same keys.
 
-        The files of replaced parts are deleted after the commit (a crash before that leaves orphans
-        for the next writer to clean). If the transaction fails (an error, not a crash), the new files
-        are deleted at once and the store is as before.
+        `runs`: (run_id, model, policy_path, algorithm, config JSON, status) tuples. The files of replaced
+        parts are deleted after the commit (a crash before that leaves orphans for the next writer to
+        clean). If the transaction fails (an error, not a crash), the new files are deleted at once and
+        the store is as before.
         """
         keys = sorted({e.key for e in entries})
         committed = False
         try:
-            self._commit_transaction(entries, keys)
+            self._commit_transaction(entries, keys, runs)
             committed = True
         finally:
             if not committed:
                 for e in entries:
                     _unlink_quietly(self.root / e.path)
 
-    def _commit_transaction(self, entries: list[ManifestEntry], keys: list[str]) -> None:
+    def _commit_transaction(self, entries: list[ManifestEntry], keys: list[str], runs: Sequence[tuple]) -> None:
         with _catalog(self._duck, self.root, read_only=False) as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -628,14 +806,11 @@ class TrajectoryStore:
                 ]
                 con.execute("DELETE FROM _manifest WHERE key IN (SELECT unnest(?))", [keys])
                 con.register("_new_entries", pa.Table.from_pylist([e._asdict() for e in entries], schema=_MANIFEST_ARROW))
-                con.execute("INSERT INTO _manifest SELECT * FROM _new_entries")
+                con.execute("INSERT INTO _manifest BY NAME SELECT * FROM _new_entries")
                 con.unregister("_new_entries")
-                manifest = [
-                    ManifestEntry(*row)
-                    for row in con.execute(
-                        "SELECT path, tbl, key, run_id, step, n_rows, n_bytes, committed_at FROM _manifest ORDER BY tbl, key"
-                    ).fetchall()
-                ]
+                for run in runs:
+                    _upsert_run(con, *run)
+                manifest = _read_manifest(con)
                 _refresh_catalog_views(con, self.root, manifest, tables={e.tbl for e in entries})
                 self._generation = _bump_generation(con)
                 con.execute("COMMIT")
@@ -645,6 +820,8 @@ class TrajectoryStore:
                 except Exception:  # noqa: BLE001 - a failed COMMIT has already rolled back
                     pass
                 raise
+            if runs:
+                self._set_runs(con)
         self._manifest = manifest
         self._views_stale = True
         for rel in replaced:
@@ -687,10 +864,13 @@ class TrajectoryStore:
         prompt_id]. A given `prompt_id` must equal `make_prompt_id(dataset, text)`; a missing one is
         computed. `meta` may be a JSON string or a dict.
         """
-        self._require_writer("add_prompts")
+        return self.ingest(prompts=prompts, source=source).prompts
+
+    def _new_prompts(self, prompts: Any, *, source: str) -> pa.Table | None:
+        """The rows of `prompts` not yet in the store (checked, deduplicated, sorted by id), or None."""
         table = _prompts_table(prompts, source=source)
         if table.num_rows == 0:
-            return 0
+            return None
         # Deduplicate inside the input (identical rows) and refuse conflicting duplicates.
         table = _dedupe_prompts(table, source=source)
         existing_ids = self._existing_prompt_ids()
@@ -716,14 +896,84 @@ class TrajectoryStore:
                 )
             table = table.filter(pc.invert(is_old))
         if table.num_rows == 0:
-            return 0
-        table = table.sort_by([("prompt_id", "ascending")])
-        token = uuid.uuid4().hex[:12]
-        rel = f"prompts/part-{token}.parquet"
-        (n_bytes,) = self._write_parts([(table, rel)])
-        self._commit([ManifestEntry(rel, "prompts", f"prompts|{token}", None, None, table.num_rows, n_bytes, _now())])
-        self._known_ids = None
-        return table.num_rows
+            return None
+        return table.sort_by([("prompt_id", "ascending")])
+
+    def ingest(self, *, prompts: Any = None, runs: Sequence[RunRollouts] = (), scores: ScorePart | None = None,
+               part: int = 0, source: str = "input") -> IngestResult:
+        """Validate everything, then commit new prompts, whole runs of rollouts and a score part at once.
+
+        Nothing is written until every prompt, run and row has passed the checks of `add_prompts`,
+        `append_rollouts` and `add_scores` (rollouts and scores may use the prompts of the same call);
+        then all files commit in one manifest transaction together with the `runs` rows, so a failure
+        anywhere leaves the store exactly as it was. `part` keys the rollout files as in `append_rollouts`.
+        """
+        self._require_writer("ingest")
+        if not isinstance(part, (int, np.integer)) or part < 0:
+            raise ValueError(f"ingest: part must be an integer >= 0, got {part!r}")
+        new_prompts = None if prompts is None else self._new_prompts(prompts, source=source)
+        extra_ids = None if new_prompts is None else new_prompts.column("prompt_id").combine_chunks()
+        staged_runs = self._stage_runs(runs, extra_ids=extra_ids, source=source)
+        staged_scores = None if scores is None else self._stage_scores(scores, extra_ids=extra_ids, source=source)
+        unchanged = staged_scores is not None and staged_scores[0] is None
+        parts: list[tuple[pa.Table, str]] = []
+        meta: list[tuple] = []  # (tbl, key, run_id, step, content, origin) per part
+        if new_prompts is not None:
+            token = uuid.uuid4().hex[:12]
+            parts.append((new_prompts, f"prompts/part-{token}.parquet"))
+            meta.append(("prompts", f"prompts|{token}", None, None, None, source))
+        for run, table in staged_runs:
+            for chunk, rel, step in _step_parts(table, run.run_id, part):
+                parts.append((chunk, rel))
+                meta.append(("rollouts", f"rollouts|{run.run_id}|{step}|{int(part)}", run.run_id, step, None, None))
+        if staged_scores is not None and not unchanged and staged_scores[0].num_rows:
+            table, spec, content = staged_scores
+            rel = f"scores/part-{hashlib.blake2b(spec.part.encode(), digest_size=6).hexdigest()}-{uuid.uuid4().hex[:8]}.parquet"
+            parts.append((table, rel))
+            meta.append(("scores", f"scores|{spec.part}", None, None, content, spec.origin or source))
+        run_rows = [
+            (r.run_id, r.model, r.policy_path, r.algorithm, json.dumps(dict(r.config), sort_keys=True, default=str), r.status)
+            for r, _ in staged_runs
+        ]
+        if parts or run_rows:
+            sealed = self._write_parts(parts) if parts else []
+            now = _now()
+            entries = [
+                ManifestEntry(rel, tbl, key, rid, step, chunk.num_rows, n_bytes, now, checksum, content, origin)
+                for (chunk, rel), (n_bytes, checksum), (tbl, key, rid, step, content, origin) in zip(parts, sealed, meta)
+            ]
+            self._commit(entries, runs=run_rows)
+            self._known_ids = None
+        return IngestResult(
+            prompts=0 if new_prompts is None else new_prompts.num_rows,
+            rollouts={r.run_id: t.num_rows for r, t in staged_runs},
+            scores=0 if staged_scores is None or unchanged else staged_scores[0].num_rows,
+            scores_unchanged=unchanged,
+        )
+
+    def _stage_runs(self, runs: Sequence[RunRollouts], *, extra_ids: pa.Array | None,
+                    source: str) -> list[tuple[RunRollouts, pa.Table]]:
+        """Each run's rollouts validated (see `_validate_rollouts`); refuses a run id given twice or
+        registered for another model."""
+        known = dict(zip(self._runs.column("run_id").to_pylist(), self._runs.column("model").to_pylist()))
+        seen: set[str] = set()
+        staged = []
+        for run in runs:
+            if not isinstance(run, RunRollouts):
+                raise ValueError(f"ingest: runs must be RunRollouts, got {type(run).__name__}")
+            if run.run_id in seen:
+                raise ValueError(f"{source}: run {run.run_id!r} is given twice; fix: one RunRollouts per run id")
+            seen.add(run.run_id)
+            if known.get(run.run_id, run.model) != run.model:
+                raise ValueError(
+                    f"{source}: run_id {run.run_id!r} already exists for model {known[run.run_id]!r}, not {run.model!r}; "
+                    "fix: pass another run id"
+                )
+            label = source if len(runs) == 1 else f"{source} (rows of run {run.run_id!r}, numbered within them)"
+            table = as_table(run.rollouts, argument=label)
+            staged.append((run, self._validate_rollouts(table, run_id=run.run_id, model=run.model, source=label,
+                                                        extra_ids=extra_ids)))
+        return staged
 
     # -- runs ---------------------------------------------------------------------------------------
 
@@ -754,13 +1004,7 @@ class TrajectoryStore:
                     f"start_run: run_id {run_id!r} already exists for model {old[0][0]!r}, not {model!r}; "
                     "fix: pass another run_id (or none, to get a fresh one)"
                 )
-            if old:
-                con.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id])
-            else:
-                con.execute(
-                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, NULL, 'running')",
-                    [run_id, model, policy_path, algorithm, config_json, _now()],
-                )
+            _upsert_run(con, run_id, model, policy_path, algorithm, config_json, "running")
             self._generation = _bump_generation(con)
             self._set_runs(con)
         return run_id
@@ -792,6 +1036,10 @@ class TrajectoryStore:
     def runs(self) -> pa.Table:
         return self._runs
 
+    def manifest(self) -> list[ManifestEntry]:
+        """The committed files this handle sees (a reader: as of its last refresh)."""
+        return list(self._manifest)
+
     # -- rollouts -----------------------------------------------------------------------------------
 
     def append_rollouts(self, run_id: str, data: Any, *, part: int = 0, source: str = "rollouts") -> int:
@@ -812,27 +1060,23 @@ class TrajectoryStore:
         table = self._validate_rollouts(table, run_id=run_id, model=model, source=source)
         if table.num_rows == 0:
             return 0
-        steps = table.column("step").to_numpy()
-        bounds = np.flatnonzero(np.diff(steps)) + 1  # table is sorted by step
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(steps)]])
-        parts = []
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            step = int(steps[start])
-            rel = f"rollouts/run={run_id}/step-{step:09d}-part-{int(part):04d}-{uuid.uuid4().hex[:8]}.parquet"
-            parts.append((table.slice(start, end - start), rel))
-        sizes = self._write_parts(parts)
+        parts = _step_parts(table, run_id, part)
+        sealed = self._write_parts([(chunk, rel) for chunk, rel, _ in parts])
         committed_at = _now()
         entries = [
-            ManifestEntry(rel, "rollouts", f"rollouts|{run_id}|{int(steps[start])}|{int(part)}", run_id,
-                          int(steps[start]), chunk.num_rows, n_bytes, committed_at)
-            for (chunk, rel), n_bytes, start in zip(parts, sizes, starts.tolist())
+            ManifestEntry(rel, "rollouts", f"rollouts|{run_id}|{step}|{int(part)}", run_id, step, chunk.num_rows,
+                          n_bytes, committed_at, checksum)
+            for (chunk, rel, step), (n_bytes, checksum) in zip(parts, sealed)
         ]
         self._commit(entries)
         return table.num_rows
 
-    def _validate_rollouts(self, table: pa.Table, *, run_id: str, model: str, source: str) -> pa.Table:
-        """`table` checked and cast to ROLLOUT_SCHEMA, defaults filled in, rows grouped per (step, prompt)."""
+    def _validate_rollouts(self, table: pa.Table, *, run_id: str, model: str, source: str,
+                           extra_ids: pa.Array | None = None) -> pa.Table:
+        """`table` checked and cast to ROLLOUT_SCHEMA, defaults filled in, rows grouped per (step, prompt).
+
+        `extra_ids`: prompt ids about to be committed with these rollouts (they count as known).
+        """
         _check_run_columns(table, run_id=run_id, model=model, source=source)
         created_missing = "created_at" not in table.column_names
         idx_missing = "sample_idx" not in table.column_names
@@ -848,15 +1092,21 @@ class TrajectoryStore:
         if n == 0:
             return table
         _check_rollout_values(table, source=source)
+        self._check_known_prompts(table, extra_ids=extra_ids, source=source)
+        self._check_not_scored(table, model=model, source=source)
+        return _group_rollouts(table, numbered=idx_missing, source=source)
+
+    def _check_known_prompts(self, table: pa.Table, *, extra_ids: pa.Array | None, source: str) -> None:
+        """Refuse a `prompt_id` that is neither in the store nor among `extra_ids`."""
         known = self._existing_prompt_ids()
+        if extra_ids is not None and len(extra_ids):
+            known = pa.concat_arrays([known, extra_ids.cast(pa.int64())])
         row = _first_false(pc.is_in(table.column("prompt_id"), value_set=known))
         if row is not None:
             raise ValueError(
                 f"{source}: row {row} column 'prompt_id': {table.column('prompt_id')[row].as_py()} is not in the store's "
                 "prompts; fix: add the prompts first (TrajectoryStore.add_prompts or `v05 data import`)"
             )
-        self._check_not_scored(table, model=model, source=source)
-        return _group_rollouts(table, numbered=idx_missing, source=source)
 
     def _check_not_scored(self, table: pa.Table, *, model: str, source: str) -> None:
         """Refuse rollouts for a (model, step, prompt) that imported scores already cover (it would
@@ -892,34 +1142,46 @@ class TrajectoryStore:
 
     # -- scores -------------------------------------------------------------------------------------
 
-    def add_scores(self, data: Any, *, part: str = "default", source: str = "scores") -> int:
+    def add_scores(self, data: Any, *, part: str = "default", source: str = "scores", origin: str | None = None,
+                   replace: bool = False) -> int:
         """Add imported per-(model, step, prompt) mean rewards (when single rollouts are unavailable).
 
         Columns model, step, prompt_id, n (rollouts behind the mean, >= 1), score (mean reward in
-        [-1, 1]). The rows replace any earlier scores added under the same `part` name; a (model, step,
-        prompt_id) already scored by another part, or with rollouts in the store, is refused.
+        [-1, 1], not NaN). A part is identified by its name and a digest of its rows: adding the same
+        rows under the same name again is a no-op (returns 0); different rows under an existing name
+        are refused with `PartConflictError` unless `replace=True`. `origin` (e.g. the resolved path of
+        the release) is recorded for that message. A (model, step, prompt_id) already scored by another
+        part, or with rollouts in the store, is refused. Returns the rows written.
         """
-        self._require_writer("add_scores")
-        if not isinstance(part, str) or not re.fullmatch(r"[A-Za-z0-9._=-]{1,100}", part):
-            raise ValueError(f"add_scores: part {part!r} must be a short name of letters, digits, '.', '_', '-', '='")
-        table = coerce(as_table(data, argument=source), "scores", source=source, fixes=_SCORE_FIXES)
+        spec = ScorePart(data, part=part, origin=origin, replace=replace)
+        return self.ingest(scores=spec, source=source).scores
+
+    def _stage_scores(self, spec: ScorePart, *, extra_ids: pa.Array | None,
+                      source: str) -> tuple[pa.Table | None, ScorePart, str]:
+        """(sorted score rows, spec, content digest) checked; rows None when the part already holds them."""
+        table = coerce(as_table(spec.data, argument=source), "scores", source=source, fixes=_SCORE_FIXES)
         check_not_null(table, "scores", source=source, fixes=_SCORE_FIXES)
-        if table.num_rows == 0:
-            return 0
         _check_score_values(table, source=source)
-        row = _first_false(pc.is_in(table.column("prompt_id"), value_set=self._existing_prompt_ids()))
-        if row is not None:
-            raise ValueError(
-                f"{source}: row {row} column 'prompt_id': {table.column('prompt_id')[row].as_py()} is not in the store's "
-                "prompts; fix: add the prompts first (TrajectoryStore.add_prompts or `v05 data import`)"
-            )
-        key = f"scores|{part}"
-        self._check_scores_unique(table, key=key, source=source)
         table = table.sort_by([("model", "ascending"), ("step", "ascending"), ("prompt_id", "ascending")])
-        rel = f"scores/part-{hashlib.blake2b(part.encode(), digest_size=6).hexdigest()}-{uuid.uuid4().hex[:8]}.parquet"
-        (n_bytes,) = self._write_parts([(table, rel)])
-        self._commit([ManifestEntry(rel, "scores", key, None, None, table.num_rows, n_bytes, _now())])
-        return table.num_rows
+        content = table_digest(table)
+        key = f"scores|{spec.part}"
+        old = [e for e in self._manifest if e.key == key]
+        if old:
+            old_content = old[0].content or table_digest(_read_committed(self.root, old[0]))
+            if old_content == content:
+                return None, spec, content
+            if not spec.replace:
+                raise PartConflictError(
+                    f"{source}: score part {spec.part!r} already holds other rows ({old[0].n_rows:,} rows from "
+                    f"{old[0].origin or 'an earlier import (origin not recorded)'}; new: {table.num_rows:,} rows from "
+                    f"{spec.origin or source}); fix: pass replace=True to replace them, or add under another part name",
+                    part=spec.part, old_origin=old[0].origin, new_origin=spec.origin or source,
+                    old_rows=old[0].n_rows, new_rows=table.num_rows,
+                )
+        if table.num_rows:
+            self._check_known_prompts(table, extra_ids=extra_ids, source=source)
+            self._check_scores_unique(table, key=key, source=source)
+        return table, spec, content
 
     def _check_scores_unique(self, table: pa.Table, *, key: str, source: str) -> None:
         """Refuse a (model, step, prompt_id) given twice in `table`, scored by a score part other than
@@ -953,7 +1215,7 @@ class TrajectoryStore:
             if clash:
                 raise ValueError(
                     f"{source}: row {clash[0][0]}: (model, step, prompt_id) = {clash[0][1:4]} already has {clash[0][4]} "
-                    "in the store; fix: re-add under the same part name to replace it, or drop the row"
+                    "in the store; fix: re-add under the same part name with replace=True to replace it, or drop the row"
                 )
         finally:
             con.unregister("_incoming")
@@ -991,11 +1253,14 @@ class TrajectoryStore:
             try:
                 return fn(self._views())
             except Exception as err:
-                missing = "No files found" in str(err) or "No such file" in str(err)
+                damaged = isinstance(err, StoreDamagedError)
+                missing = damaged or "No files found" in str(err) or "No such file" in str(err)
                 if self.read_only and missing and attempt + 1 < attempts:
+                    self._views_stale = True
                     time.sleep(0.01 * (attempt + 1))
                     continue
-                _raise_store_io_error(err, self.root)
+                if not damaged:
+                    _raise_store_io_error(err, self.root)
                 raise
 
     def prompt_stats(self) -> pa.Table:
@@ -1047,25 +1312,302 @@ class TrajectoryStore:
         }
 
     def verify(self) -> list[str]:
-        """Problems with committed files (missing, size changed, unreadable footer); empty when healthy."""
+        """Problems with committed files (missing, size, checksum, footer, rows) as text; empty when healthy."""
+        return [str(p) for p in self.check(views=False).broken]
+
+    # -- checking and repairing ---------------------------------------------------------------------
+
+    def check(self, *, views: bool = True) -> CheckReport:
+        """Compare the manifest with the files: missing, orphan, size, checksum, footer and row count;
+        with `views`, also build the read-only views and count their rows (only when no file is broken).
+
+        Reads every committed file once to checksum it (rows of format-1 stores without a checksum are
+        checked by size, footer and row count). Works on a read-only handle; no lock is taken, so a writer
+        running meanwhile shows its files in flight as orphans (`writer_active` says so).
+        """
+        if self._closed:
+            raise ValueError(f"check: the store {self.root} is closed; fix: open it again")
+        if self.read_only:
+            self.refresh()
+        problems = [p for e in self._manifest if (p := _check_entry(self.root, e)) is not None]
+        listed = {e.path for e in self._manifest}
+        for rel in _data_files(self.root):
+            if rel not in listed:
+                problems.append(Problem("orphan", rel.split("/", 1)[0], rel, None, "on disk but not in the manifest"))
+        if views and not problems:
+            problems.extend(self._check_views())
+        return CheckReport(
+            root=str(self.root),
+            files=len(self._manifest),
+            checksummed=sum(1 for e in self._manifest if e.checksum),
+            problems=tuple(problems),
+            writer_active=self.read_only and _writer_active(self.root),
+        )
+
+    def _check_views(self) -> list[Problem]:
+        """Build the read-only session's views and compare each table's row count with the manifest."""
         problems = []
-        for e in self._manifest:
-            path = self.root / e.path
-            if not path.exists():
-                problems.append(f"{e.path}: listed in the manifest but missing")
-                continue
-            size = path.stat().st_size
-            if size != e.n_bytes:
-                problems.append(f"{e.path}: {size} bytes on disk, {e.n_bytes} committed")
-                continue
-            try:
-                rows = pq.ParquetFile(path).metadata.num_rows
-            except Exception as err:  # noqa: BLE001 - any reader error means a corrupt file
-                problems.append(f"{e.path}: unreadable ({err})")
-                continue
-            if rows != e.n_rows:
-                problems.append(f"{e.path}: {rows} rows on disk, {e.n_rows} committed")
+        try:
+            with self.read_only_session() as session:
+                for tbl in DATA_DIRS:
+                    got = session.execute(f"SELECT count(*) AS n FROM {tbl}").column(0)[0].as_py()
+                    want = sum(e.n_rows for e in self._manifest if e.tbl == tbl)
+                    if got != want:
+                        problems.append(Problem("views", tbl, None, got, f"{got:,} rows, the manifest says {want:,}"))
+                for view in ("prompt_stats", "v0_pairs"):
+                    session.execute(f"SELECT * FROM {view} LIMIT 0")
+        except ValueError as err:
+            problems.append(Problem("views", None, None, None, f"the views do not build: {err}"))
         return problems
+
+    def repair(self) -> RepairReport:
+        """Quarantine what `check` finds broken, keep every intact file, rebuild the views.
+
+        Broken committed files (missing, wrong size or checksum, unreadable, wrong row count) and orphans
+        are moved to `<store>/quarantine/<UTC time>/<their path>`; the broken parts leave the manifest in
+        one transaction that also records the checksum of intact rows that had none (format-1 stores) and
+        rebuilds the catalog's views. Files move first: a crash in between leaves parts listed but missing,
+        which the next `repair` drops. Needs a writer opened with `clean_orphans=False` (else the orphans
+        were already deleted on opening). Returns what was dropped and moved.
+        """
+        self._require_writer("repair")
+        report = self.check(views=False)
+        stamp = _now().strftime("%Y%m%dT%H%M%S.%fZ")
+        quarantine = self.root / QUARANTINE_DIR / stamp
+        moved = []
+        for problem in report.problems:
+            src = self.root / problem.path
+            if problem.path and src.is_file():
+                dest = quarantine / problem.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                moved.append(problem.path)
+        if moved:
+            _fsync_all(sorted({(quarantine / rel).parent for rel in moved} | {(self.root / rel).parent for rel in moved}))
+        broken = {p.path for p in report.broken}
+        record = {e.path: file_checksum(self.root / e.path) for e in self._manifest if not e.checksum and e.path not in broken}
+        if broken or record:
+            self._repair_transaction(sorted(broken), record)
+        return RepairReport(
+            dropped=report.broken,
+            quarantined=tuple(moved),
+            quarantine_dir=str(quarantine) if moved else None,
+            checksums_recorded=len(record),
+        )
+
+    def _repair_transaction(self, drop: list[str], checksums: Mapping[str, str]) -> None:
+        """Drop manifest rows `drop`, record `checksums`, rebuild every catalog view: one transaction."""
+        with _catalog(self._duck, self.root, read_only=False) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("DELETE FROM _manifest WHERE path IN (SELECT unnest(?))", [drop])
+                for rel, checksum in checksums.items():
+                    con.execute("UPDATE _manifest SET checksum = ? WHERE path = ?", [checksum, rel])
+                manifest = _read_manifest(con)
+                _refresh_catalog_views(con, self.root, manifest)
+                self._generation = _bump_generation(con)
+                con.execute("COMMIT")
+            except BaseException:
+                try:
+                    con.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - a failed COMMIT has already rolled back
+                    pass
+                raise
+        self._manifest = manifest
+        self._known_ids = None
+        self._views_stale = True
+
+    def read_only_session(self) -> "ReadOnlySession":
+        """A DuckDB session over this store that cannot write anything or read other files (`v05 sql`).
+
+        See `ReadOnlySession`. Refuses up front when a committed file is missing (names it and the fix).
+        """
+        if self._closed:
+            raise ValueError(f"read_only_session: the store {self.root} is closed; fix: open it again")
+        if self.read_only:
+            self.refresh()
+        missing = self._missing_files()
+        if missing:
+            raise StoreDamagedError(
+                f"the store {self.root} lists {missing[0].path} ({missing[0].tbl}) but the file is missing; "
+                f"fix: {repair_hint(self.root)}"
+            )
+        return ReadOnlySession(self.root, self._manifest, self._runs)
+
+
+class ReadOnlySession:
+    """DuckDB SQL over a store that can only read the store's committed files (what `v05 sql` runs).
+
+    Read-only by construction, whatever the statement (no statement is inspected):
+    - the views and the `runs` / `_manifest` tables live in a private DuckDB file (a fresh temporary
+      folder, deleted on close) that is opened READ_ONLY: CREATE / INSERT / UPDATE / DELETE / DROP /
+      ALTER on them fail; no writable database is attached ("memory" is not there, and ATTACH needs files);
+    - DuckDB has no file access at all: `enable_external_access = false` with an empty allow list, so
+      COPY ... TO, EXPORT DATABASE, ATTACH, INSTALL / LOAD of extension files, read_csv / read_text /
+      read_blob / glob / read_parquet of any path fail; extension auto-loading and persistent secrets
+      are off, Python replacement scans are off;
+    - `lock_configuration = true` last: SET / RESET / PRAGMA of any setting fail, so none of the above
+      can be undone;
+    - the committed files reach DuckDB as Arrow datasets that pyarrow opens for reading (DuckDB's own
+      `allowed_paths` would also let COPY overwrite the listed files, see the module docstring).
+    What remains allowed: SELECT (WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN [ANALYZE] of them),
+    PRAGMA table functions, and TEMP tables / views / macros that live in this process's memory (a large
+    sort may spill to the private temporary folder) and vanish with the session.
+    """
+
+    def __init__(self, root: Path, manifest: Sequence[ManifestEntry], runs: pa.Table):
+        import duckdb
+
+        self.root = root
+        self._dir = tempfile.mkdtemp(prefix="v05-sql-")
+        path = os.path.join(self._dir, "session.duckdb")
+        try:
+            sources = _session_sources(root, manifest, runs)
+            writer = duckdb.connect(path)
+            try:
+                for name, source in sources.items():
+                    writer.register(f"_arrow_{name}", source)
+                for name in sources:  # runs and _manifest are small: real (read-only) tables
+                    kind = "TABLE" if name in ("runs", "_manifest") else "VIEW"
+                    writer.execute(f"CREATE {kind} {name} AS SELECT * FROM _arrow_{name}")
+                for sql in (f"CREATE VIEW prompt_stats AS {_PROMPT_STATS_SQL}", f"CREATE VIEW v0_pairs AS {_V0_PAIRS_SQL}"):
+                    writer.execute(sql)
+            finally:
+                writer.close()
+            self._con = duckdb.connect(path, read_only=True, config=_SESSION_CONFIG)
+            for name, source in sources.items():
+                if name in DATA_DIRS:
+                    self._con.register(f"_arrow_{name}", source)
+            self._con.execute("SET enable_external_access = false")
+            self._con.execute("SET lock_configuration = true")
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+
+    def execute(self, sql: str) -> pa.Table:
+        """Run the statement(s) in `sql`; the last one's result as Arrow (empty when it returns none).
+
+        Raises ValueError: "SQL does not parse", "refused: ..." (the session's guard fired), or
+        "query failed: ..." (any other DuckDB error: a bad column, a type mismatch, ...).
+        """
+        import duckdb
+
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as err:
+            raise ValueError(f"SQL does not parse: {str(err).splitlines()[0]}") from None
+        if not statements:
+            raise ValueError("SQL is empty; fix: give a statement such as 'SELECT * FROM prompt_stats LIMIT 5'")
+        result = None
+        for statement in statements:
+            try:
+                relation = self._con.sql(statement.query)
+                result = _to_arrow(relation) if relation is not None else pa.table({})
+            except duckdb.Error as err:
+                raise ValueError(_explain_refusal(err, statement.query)) from None
+        return result
+
+    def close(self) -> None:
+        con, self._con = getattr(self, "_con", None), None
+        if con is not None:
+            con.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "ReadOnlySession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+# Set when the session's connection starts (these cannot be changed later: the configuration is locked).
+_SESSION_CONFIG = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_persistent_secrets": False,
+    "python_enable_replacements": False,
+}
+
+
+def _session_sources(root: Path, manifest: Sequence[ManifestEntry], runs: pa.Table) -> dict[str, Any]:
+    """The Arrow objects behind a session's base views: a read-only dataset per data table, plus tables."""
+    import pyarrow.dataset as ds
+
+    sources: dict[str, Any] = {}
+    for tbl in DATA_DIRS:
+        paths = [str(root / e.path) for e in manifest if e.tbl == tbl]
+        sources[tbl] = ds.dataset(paths, schema=SCHEMAS[tbl], format="parquet") if paths else SCHEMAS[tbl].empty_table()
+    sources["runs"] = runs
+    sources["_manifest"] = pa.Table.from_pylist([e._asdict() for e in manifest], schema=_MANIFEST_ARROW)
+    return sources
+
+
+def _explain_refusal(err: Exception, statement: str) -> str:
+    """A session error as one message: what the guard refused and why, or the query's own error."""
+    first = str(err).splitlines()[0]
+    text = statement.strip()[:80]
+    fix = ("Fix: change the store through `v05 data ...` or the Python API (TrajectoryStore); copy results "
+           "with `v05 sql ... --format csv > out.csv`")
+    if "disabled by configuration" in first or "disabled through configuration" in first:
+        return (f"refused: {text!r} would read or write a file other than the store's committed Parquet files "
+                f"(DuckDB: {first}); `v05 sql` only reads the store. {fix}")
+    if "configuration has been locked" in first:
+        return f"refused: {text!r} changes a setting; the settings of `v05 sql` are locked (DuckDB: {first}). {fix}"
+    if any(sign in first for sign in ("read-only mode", "Can only update base table", "Can only delete from base table",
+                                      "is not an table")):
+        return f"refused: {text!r} would change the store's tables or views; `v05 sql` is read-only (DuckDB: {first}). {fix}"
+    return f"query failed: {first}"
+
+
+def _check_entry(root: Path, e: ManifestEntry) -> Problem | None:
+    """The first problem of one committed file (missing, size, checksum, unreadable footer, rows), or None."""
+    path = root / e.path
+    if not path.is_file():
+        return Problem("missing", e.tbl, e.path, e.n_rows, "listed in the manifest but not on disk")
+    size = path.stat().st_size
+    if size != e.n_bytes:
+        return Problem("size", e.tbl, e.path, e.n_rows, f"{size:,} bytes on disk, {e.n_bytes:,} committed")
+    if e.checksum and file_checksum(path) != e.checksum:
+        return Problem("checksum", e.tbl, e.path, e.n_rows, f"content changed since it was committed ({e.checksum})")
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as err:  # noqa: BLE001 - any reader error means a corrupt file
+        return Problem("unreadable", e.tbl, e.path, e.n_rows, f"not a readable Parquet file ({err})")
+    if rows != e.n_rows:
+        return Problem("rows", e.tbl, e.path, e.n_rows, f"{rows:,} rows on disk, {e.n_rows:,} committed")
+    return None
+
+
+def _data_files(root: Path) -> list[str]:
+    """Every file under the data folders, relative to `root` (committed parts, orphans, temporary files)."""
+    out = []
+    for folder in DATA_DIRS:
+        base = root / folder
+        if base.exists():
+            out.extend(p.relative_to(root).as_posix() for p in sorted(base.rglob("*")) if p.is_file())
+    return out
+
+
+def _writer_active(root: Path) -> bool:
+    """Whether another process holds the write lock now."""
+    path = root / LOCK_NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1081,11 +1623,30 @@ _MANIFEST_ARROW = pa.schema(
         ("n_rows", pa.int64()),
         ("n_bytes", pa.int64()),
         ("committed_at", pa.timestamp("us", tz="UTC")),
+        ("checksum", pa.string()),
+        ("content", pa.string()),
+        ("origin", pa.string()),
     ]
 )
 
 
 _CATALOG_ALIAS = "_v05_catalog"
+
+
+def _read_manifest(con, legacy: bool = False) -> list[ManifestEntry]:
+    """The manifest of the attached catalog; `legacy`: a format-1 catalog (no checksum/content/origin:
+    None), which only readers see (a writer migrates the catalog when it opens it)."""
+    if not legacy:
+        cols = ", ".join(ManifestEntry._fields)
+        return [ManifestEntry(*row) for row in con.execute(f"SELECT {cols} FROM _manifest ORDER BY tbl, key").fetchall()]
+    present = {
+        row[0]
+        for row in con.execute(
+            f"SELECT column_name FROM duckdb_columns() WHERE database_name = '{_CATALOG_ALIAS}' AND table_name = '_manifest'"
+        ).fetchall()
+    }
+    cols = ", ".join(f if f in present else f"NULL AS {f}" for f in ManifestEntry._fields)
+    return [ManifestEntry(*row) for row in con.execute(f"SELECT {cols} FROM _manifest ORDER BY tbl, key").fetchall()]
 
 
 class _catalog:
@@ -1111,9 +1672,16 @@ class _catalog:
                 self.con.execute(f"ATTACH {_sql_str(path)} AS {_CATALOG_ALIAS}{mode}")
                 break
             except duckdb.Error as err:
-                if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                first = str(err).splitlines()[0]
+                if "lock" not in first.lower():
+                    raise CatalogCorruptError(
+                        f"the store's catalog {path} is corrupt ({first}); fix: restore {CATALOG_NAME} from a backup "
+                        "(the Parquet files under prompts/, rollouts/ and scores/ are not touched by this error), or "
+                        "move the store aside and rebuild it with `v05 data import` / `ingest-rollouts`"
+                    ) from None
+                if time.monotonic() > deadline:
                     raise ValueError(
-                        f"cannot open {path} ({str(err).splitlines()[0]}); fix: another process keeps the catalog open "
+                        f"cannot open {path} ({first}); fix: another process keeps the catalog open "
                         "(a DuckDB shell?) — close it and retry"
                     ) from None
                 time.sleep(delay)
@@ -1132,23 +1700,19 @@ def _init_catalog(duck, root: Path) -> None:
         con.execute(_RUNS_DDL)
         con.execute(_META_DDL)
         version = con.execute("SELECT value FROM _meta WHERE key = 'format_version'").fetchall()
-        if version and int(version[0][0]) != FORMAT_VERSION:
+        if version and version[0][0] not in READABLE_FORMATS:
             raise ValueError(
-                f"store {root} has format version {version[0][0]}, this code reads version {FORMAT_VERSION}; "
+                f"store {root} has format version {version[0][0]}, this code reads versions {' and '.join(READABLE_FORMATS)}; "
                 "fix: use the matching v05 version"
             )
+        for column in _MANIFEST_V2_COLUMNS:  # format 1 -> 2; existing rows keep NULL (checked by size)
+            con.execute(f"ALTER TABLE _manifest ADD COLUMN IF NOT EXISTS {column} VARCHAR")
         con.execute("INSERT OR REPLACE INTO _meta VALUES ('format_version', ?)", [str(FORMAT_VERSION)])
         con.execute("INSERT OR IGNORE INTO _meta VALUES ('generation', '0')")
         old_root = con.execute("SELECT value FROM _meta WHERE key = 'root'").fetchall()
         views = {row[0] for row in con.execute(f"SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = '{_CATALOG_ALIAS}'").fetchall()}
         if not old_root or old_root[0][0] != str(root) or "v0_pairs" not in views:
-            manifest = [
-                ManifestEntry(*row)
-                for row in con.execute(
-                    "SELECT path, tbl, key, run_id, step, n_rows, n_bytes, committed_at FROM _manifest"
-                ).fetchall()
-            ]
-            _refresh_catalog_views(con, root, manifest)
+            _refresh_catalog_views(con, root, _read_manifest(con))
             con.execute("INSERT OR REPLACE INTO _meta VALUES ('root', ?)", [str(root)])
 
 
@@ -1192,7 +1756,11 @@ def _view_statements(
 
 
 def check_sql(sql: str) -> list:
-    """Parse `sql` and refuse statements that are not read-only; returns the parsed statements."""
+    """Parse `sql` and refuse statements that are not plain reads; returns the parsed statements.
+
+    Only a friendlier, earlier message: the guard of `v05 sql` is `ReadOnlySession`, which refuses
+    whatever this misses. EXPLAIN [ANALYZE] is judged by the statement it explains.
+    """
     import duckdb
 
     try:
@@ -1203,6 +1771,11 @@ def check_sql(sql: str) -> list:
         raise ValueError("SQL is empty; fix: give a statement such as 'SELECT * FROM prompt_stats LIMIT 5'")
     for statement in statements:
         kind = str(statement.type).rsplit(".", 1)[-1]
+        if kind == "EXPLAIN":
+            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?(\([^)]*\)\s*)?", "", statement.query, flags=re.IGNORECASE)
+            if inner.strip() and inner != statement.query:
+                check_sql(inner)
+            continue
         if kind not in _READ_ONLY_STATEMENTS:
             text = statement.query.strip()
             raise ValueError(
@@ -1217,15 +1790,22 @@ def check_sql(sql: str) -> list:
 def _raise_store_io_error(err: Exception, root: Path) -> None:
     text = str(err)
     if "parquet" in text.lower() or "No files found" in text or "No such file" in text:
-        raise ValueError(
+        raise StoreDamagedError(
             f"reading the store {root} failed: {text.splitlines()[0]}; fix: a committed file is missing or corrupt — "
-            "run TrajectoryStore.open(...).verify() to list them, and restore them or re-append their parts"
+            f"{repair_hint(root)}"
         ) from err
 
 
 def _acquire_lock(root: Path) -> int:
     path = root / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the store {root}: {path} cannot be opened ({err.strerror}); fix: the folder is read-only "
+            "to you — read it (`v05 sql`, `v05 data info`, TrajectoryStore.open(..., read_only=True)) or copy it to "
+            "a writable place to change it"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1260,6 +1840,98 @@ def _fsync_all(paths: Sequence[Path]) -> None:
 
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         list(pool.map(fsync_path, paths))
+
+
+def file_checksum(path: Path) -> str:
+    """"blake2b:<hex>" (128-bit) of a file's bytes, read in 8 MiB blocks (hashlib releases the GIL)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def _seal(path: Path) -> str:
+    checksum = file_checksum(path)
+    fsync_path(path)
+    return checksum
+
+
+def _seal_all(paths: Sequence[Path]) -> list[str]:
+    """Checksum and fsync every file (threads when several); returns the checksums in order."""
+    if len(paths) <= 1:
+        return [_seal(path) for path in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        return list(pool.map(_seal, paths))
+
+
+def _upsert_run(con, run_id: str, model: str, policy_path: str | None, algorithm: str, config_json: str,
+                status: str) -> None:
+    """Insert a run, or set an existing one's status (its model was checked before the transaction)."""
+    finished = None if status == "running" else _now()
+    if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchall():
+        con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?", [status, finished, run_id])
+    else:
+        con.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, model, policy_path, algorithm, config_json, _now(), finished, status],
+        )
+
+
+def table_digest(table: pa.Table) -> str:
+    """A digest of a table's rows ("blake2b:<hex>"): equal for equal values in equal order and columns.
+
+    Independent of Parquet encoding, chunking and library versions (numbers hash as little-endian
+    fixed-width arrays, text as JSON), so a re-import of the same release compares equal.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        digest.update(f"{name}:{col.type}:{col.null_count};".encode())
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            values = col.fill_null(0).to_numpy(zero_copy_only=False)
+            digest.update(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"))).tobytes())
+            if col.null_count:
+                digest.update(np.asarray(col.is_null()).tobytes())
+        else:
+            digest.update(json.dumps(col.to_pylist(), default=str).encode())
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def _step_parts(table: pa.Table, run_id: str, part: int) -> list[tuple[pa.Table, str, int]]:
+    """One (rows, relative path, step) per step of a rollout table sorted by step."""
+    if table.num_rows == 0:
+        return []
+    steps = table.column("step").to_numpy()
+    bounds = np.flatnonzero(np.diff(steps)) + 1  # table is sorted by step
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(steps)]])
+    out = []
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        step = int(steps[start])
+        rel = f"rollouts/run={run_id}/step-{step:09d}-part-{int(part):04d}-{uuid.uuid4().hex[:8]}.parquet"
+        out.append((table.slice(start, end - start), rel, step))
+    return out
+
+
+def _read_committed(root: Path, entry: ManifestEntry) -> pa.Table:
+    """A committed file's rows (for a format-1 score part's digest); a missing one names `v05 data repair`."""
+    path = root / entry.path
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StoreDamagedError(
+            f"the store {root}: committed file {entry.path} ({entry.tbl}) cannot be read ({err}); fix: "
+            f"{repair_hint(root)}"
+        ) from None
+
+
+def repair_hint(root: Path) -> str:
+    """The fix named by every message about a missing or damaged committed file."""
+    return (f"run `v05 data check --store {root}` to list the damage, then `v05 data repair --store {root}` "
+            "to quarantine the broken parts (intact files are kept), or restore the file from a backup")
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -1434,7 +2106,20 @@ def _dedupe_prompts(table: pa.Table, *, source: str) -> pa.Table:
 __all__ = [
     "TrajectoryStore",
     "StoreLockedError",
+    "StoreDamagedError",
+    "CatalogCorruptError",
+    "PartConflictError",
     "ManifestEntry",
+    "RunRollouts",
+    "ScorePart",
+    "IngestResult",
+    "Problem",
+    "CheckReport",
+    "RepairReport",
+    "ReadOnlySession",
+    "repair_hint",
+    "file_checksum",
+    "table_digest",
     "PROMPT_SCHEMA",
     "ROLLOUT_SCHEMA",
     "SCORE_SCHEMA",

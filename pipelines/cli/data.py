@@ -2,7 +2,8 @@
 
 `data import` adds a task source's prompts (and, for sources that carry measurements such as the V0
 release, their per-(model, step, prompt) scores); `data ingest-rollouts` bulk-loads rollouts generated
-elsewhere; `data info` summarises a store; `sql` runs read-only DuckDB SQL over its tables and views.
+elsewhere; `data info` summarises a store; `data check` / `data repair` find and quarantine damaged
+files; `sql` runs DuckDB SQL over its tables and views in a session that can only read the store.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from pipelines import data as recipes
-from pipelines.cli.options import RECIPE_ERRORS, RegistryChoice, fail
+from pipelines.cli.options import COUNT, RECIPE_ERRORS, RegistryChoice, fail
 from v0_data.tasks import source_names
 
 _STORE_HELP = "trajectory store directory (created by `data import` / `ingest-rollouts` when absent)"
@@ -74,7 +75,9 @@ def data() -> None:
               help="reward name written in every row's data_source (default: each prompt's dataset)")
 @click.option("--instruction", default=None,
               help='text appended to each user message, e.g. "Put the final answer in \\boxed{}."')
-def export_verl(path, source_name, out_path, split, options, data_source, instruction) -> None:
+@click.option("--allow-missing-answers", is_flag=True,
+              help="export prompts without an answer too (their ground_truth is ''; refused by default)")
+def export_verl(path, source_name, out_path, split, options, data_source, instruction, allow_missing_answers) -> None:
     """Write a task source as verl RL parquet with a prior-ready `extra_info`.
 
     Every row keeps `extra_info.prompt_id` (the store's id), so the V0 prior and the support buffer
@@ -83,7 +86,8 @@ def export_verl(path, source_name, out_path, split, options, data_source, instru
     kwargs = parse_pairs(options, "--set")
     try:
         recipes.export_verl(path, out_path, source_name=source_name, split=split, options=kwargs,
-                            data_source=data_source, instruction=instruction)
+                            data_source=data_source, instruction=instruction,
+                            allow_missing_answers=allow_missing_answers)
     except RECIPE_ERRORS as err:
         raise fail(err) from None
 
@@ -96,17 +100,24 @@ def export_verl(path, source_name, out_path, split, options, data_source, instru
 @click.option("--split", default=None, help="keep / label only this split (see the source's documentation)")
 @click.option("--set", "options", multiple=True, metavar="KEY=VALUE",
               help="option of the source's constructor, e.g. --set n=10 for v0_release (repeatable)")
-def import_(path: str | None, source_name: str, store_dir: Path, split: str | None, options: tuple[str, ...]) -> None:
+@click.option("--name", default=None,
+              help="name of the imported scores (default: PATH's folder name); another name keeps both releases")
+@click.option("--replace", is_flag=True, help="replace scores imported earlier under the same name from other content")
+def import_(path: str | None, source_name: str, store_dir: Path, split: str | None, options: tuple[str, ...],
+            name: str | None, replace: bool) -> None:
     """Add the prompts of PATH (and its scores, when the source has them) to the store.
 
     PATH is what the source reads: a verl .parquet file / folder / glob (parquet), a V0 release folder
     (v0_release), or a generator spec such as "n_prompts=500,seed=1" (arith; optional).
-    Idempotent: prompts already in the store are skipped; scores replace those of an earlier import of
-    the same source and folder name.
+    Prompts already in the store are skipped. Scores are stored under a name (--name, default the
+    folder name) together with the resolved path and a digest of their rows: importing the same rows
+    again changes nothing; other rows under an existing name are refused unless --replace (or give
+    another --name to keep both). Nothing is written unless everything is valid.
     """
     kwargs = parse_pairs(options, "--set")
     try:
-        recipes.import_source(path, store_dir, source_name=source_name, split=split, options=kwargs)
+        recipes.import_source(path, store_dir, source_name=source_name, split=split, options=kwargs, name=name,
+                              replace=replace)
     except RECIPE_ERRORS as err:
         raise fail(err) from None
 
@@ -120,7 +131,7 @@ def import_(path: str | None, source_name: str, store_dir: Path, split: str | No
 @click.option("--run-id", default=None, help="run id (only for files holding one model; default derived from FILE)")
 @click.option("--algorithm", default="external", show_default=True, help="algorithm recorded for the run(s)")
 @click.option("--policy-path", default=None, help="checkpoint path / Hub id recorded for the run(s)")
-@click.option("--part", type=int, default=0, show_default=True,
+@click.option("--part", type=COUNT, default=0, show_default=True,
               help="part number: ingesting again with the same run, step and part replaces those rows")
 @click.option("--zero-one-rewards", is_flag=True, help="rewards are 0/1 (or False/True): map r -> 2r - 1")
 @click.option("--threshold", type=float, default=None,
@@ -133,7 +144,11 @@ def ingest_rollouts(
     policy_path: str | None, part: int, zero_one_rewards: bool, threshold: float | None, dataset: str | None,
     add_prompts: bool, renames: tuple[str, ...],
 ) -> None:
-    """Bulk-import rollouts generated elsewhere (e.g. a verl run's dumped generations) from FILE."""
+    """Bulk-import rollouts generated elsewhere (e.g. a verl run's dumped generations) from FILE.
+
+    The whole file is checked first; then its prompts, runs and rollouts commit together (a refused file
+    leaves the store unchanged).
+    """
     mapping = {k: str(v) for k, v in parse_pairs(renames, "--rename").items()}
     try:
         recipes.ingest_rollouts(file, store_dir, fmt=fmt, model=model, run_id=run_id, algorithm=algorithm,
@@ -146,14 +161,51 @@ def ingest_rollouts(
 @data.command("info")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="trajectory store directory")
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def info(store_dir: Path, as_json: bool) -> None:
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="output format (json: strict JSON, NaN as null)")
+@click.option("--json", "as_json", is_flag=True, help="same as --format json")
+def info(store_dir: Path, fmt: str, as_json: bool) -> None:
     """Counts per table and per (model, step), and the disk size of a store."""
     try:
         summary = recipes.store_summary(store_dir)
     except RECIPE_ERRORS as err:
         raise fail(err) from None
-    click.echo(json.dumps(summary, indent=2, default=str) if as_json else recipes.format_summary(summary))
+    as_json = as_json or fmt == "json"
+    click.echo(recipes.to_json(summary, indent=2) if as_json else recipes.format_summary(summary))
+
+
+@data.command("check")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="trajectory store directory")
+def check(store_dir: Path) -> None:
+    """Compare the manifest with the files (missing, orphan, size, checksum, rows) and build the views.
+
+    Exit code 0 when the store is intact, 1 when a problem was found (listed, with the fix).
+    Reads every committed file once; takes no lock.
+    """
+    try:
+        report = recipes.check_store(store_dir)
+    except RECIPE_ERRORS as err:
+        raise fail(err) from None
+    click.echo(recipes.format_check(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@data.command("repair")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="trajectory store directory")
+def repair(store_dir: Path) -> None:
+    """Quarantine what `data check` finds broken, keep every intact file, rebuild the views.
+
+    Broken committed files and orphans move to STORE/quarantine/<time>/; their parts leave the manifest
+    in one transaction (printed: table, file, rows). Takes the write lock.
+    """
+    try:
+        report = recipes.repair_store(store_dir)
+    except RECIPE_ERRORS as err:
+        raise fail(err) from None
+    click.echo(recipes.format_repair(report))
 
 
 @click.command("sql")
@@ -162,14 +214,17 @@ def info(store_dir: Path, as_json: bool) -> None:
               help="trajectory store directory")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
               help="output format (json: one array of row objects)")
-@click.option("--max-rows", type=int, default=100, show_default=True, help="rows shown by --format table (0: all)")
+@click.option("--max-rows", type=COUNT, default=100, show_default=True, help="rows shown by --format table (0: all)")
 def sql(query: str, store_dir: Path, fmt: str, max_rows: int) -> None:
-    """Run read-only DuckDB SQL over a store.
+    """Run DuckDB SQL over a store in a session that can only read the store.
 
     \b
     Tables and views: prompts, runs, rollouts, scores, prompt_stats, v0_pairs, _manifest.
     Example: v05 sql "SELECT model, step, avg(score) FROM prompt_stats GROUP BY ALL" --store runs/store
-    Statements that could write (INSERT, COPY, CREATE, ATTACH, SET, ...) are refused.
+    Allowed: SELECT / WITH / FROM / DESCRIBE / SHOW / SUMMARIZE / EXPLAIN [ANALYZE] of them, and TEMP
+    tables that vanish with the command. Refused by DuckDB itself: writing any file (COPY, EXPORT),
+    reading any file but the store's (read_csv, read_text, glob, ...), ATTACH, INSTALL / LOAD, SET /
+    RESET / PRAGMA settings, CREATE / INSERT / UPDATE / DELETE / DROP on the store's tables and views.
     """
     try:
         result = recipes.run_sql(query, store_dir)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from v0_data.store import StoreLockedError, TrajectoryStore, check_sql
+from v0_data.store import PartConflictError, StoreDamagedError, StoreLockedError, TrajectoryStore, check_sql
 from v0_data.tasks.base import Prompt, make_prompt_id
 
 RELEASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "v0_release"
@@ -111,9 +111,14 @@ def test_pairs_and_scores_union(store):
         {"model": "big", "step": 16, "rollouts": 0, "scores": 1},
         {"model": "tiny-a", "step": 4, "rollouts": 4, "scores": 0},
     ]
-    # Re-adding the same score part replaces it.
-    store.add_scores({"model": ["big"], "step": [16], "prompt_id": [P[1]], "n": [10], "score": [0.2]}, part="rel")
+    # Re-adding other rows under the same part name needs replace=True; the same rows again are a no-op.
+    other = {"model": ["big"], "step": [16], "prompt_id": [P[1]], "n": [10], "score": [0.2]}
+    with pytest.raises(PartConflictError, match=r"score part 'rel' already holds other rows .*fix: pass replace=True"):
+        store.add_scores(other, part="rel")
+    assert _stats(store)[("big", 16, P[1])] == (10, 2, -0.6)  # unchanged
+    store.add_scores(other, part="rel", replace=True)
     assert _stats(store)[("big", 16, P[1])] == (10, 6, 0.2)  # 10 * 1.2 / 2 = 6
+    assert store.add_scores(other, part="rel") == 0  # same rows: nothing written
 
 
 def test_multi_step_append_writes_one_file_per_step_and_sorts(store):
@@ -251,7 +256,7 @@ def test_other_format_version_refused(store):
     con.execute("UPDATE _meta SET value = '99' WHERE key = 'format_version'")
     con.close()
     for read_only in (False, True):
-        with pytest.raises(ValueError, match=r"format version 99, this code reads version 1; fix"):
+        with pytest.raises(ValueError, match=r"format version 99, this code reads versions 1 and 2; fix"):
             TrajectoryStore.open(store.root, read_only=read_only)
 
 
@@ -356,7 +361,8 @@ def test_corrupt_committed_file_is_reported(store):
     (path,) = _rollout_files(store.root)
     path.write_bytes(path.read_bytes()[:40])  # truncated by a disk fault
     assert any("bytes on disk" in p for p in store.verify())
-    with pytest.raises(ValueError, match=r"reading the store .* failed: .*fix: a committed file is missing or corrupt"):
+    with pytest.raises(StoreDamagedError, match=r"damaged committed file .*No magic bytes.*step-0+-part.*fix: run "
+                       r"`v05 data check --store .*` .* `v05 data repair --store"):
         store.prompt_stats()
 
 
