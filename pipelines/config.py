@@ -54,6 +54,42 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names where and how to fix it."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with the same key twice (PyYAML keeps the last one silently).
+
+    The error is a `yaml.constructor.ConstructorError` whose marks give the line of both occurrences;
+    `load_yaml` turns it into a `ConfigError` naming the file.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first set at line {first.line + 1}); keep one of the two",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str | Path) -> Any:
+    """Parse YAML `text` with `UniqueKeyLoader`; a syntax error or a duplicate key is a `ConfigError`
+    naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = f" line {mark.line + 1}:" if mark is not None else ""
+        raise ConfigError(f"{where}:{line} {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+
+
 # ====================================================================================== files
 
 
@@ -63,9 +99,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; give a YAML file such as {DEFAULT_CONFIG}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    data = load_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -384,7 +421,9 @@ def parse_set(items: Sequence[str], *, option: str = "--set") -> dict[str, Any]:
         key, raw = item.split("=", 1)
         key = key.strip().replace("-", "_")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            out[key] = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None  # noqa: S506
+        except yaml.constructor.ConstructorError as exc:
+            raise ConfigError(f"{option} {item!r}: {exc.problem}") from None
         except yaml.YAMLError:
             out[key] = raw
     return out
@@ -411,6 +450,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "SECTIONS",
     "ConfigError",
+    "UniqueKeyLoader",
     "build",
     "check_sections",
     "dotted_keys",
@@ -418,6 +458,7 @@ __all__ = [
     "is_verl_config",
     "legacy_keys",
     "load_config",
+    "load_yaml",
     "nested_sections",
     "parse_set",
     "plain",

@@ -12,6 +12,7 @@ rows of its own (model, step).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, replace
@@ -21,6 +22,7 @@ from typing import Any
 import click
 
 from pipelines.common import OptionError
+from pipelines.config import read_yaml
 
 # ====================================================================================== pretrain-v0
 
@@ -60,9 +62,15 @@ def pretrain_v0(out: str | Path, *, store: str | None = None, release: str | Non
 
     if (store is None) == (release is None):
         raise ValueError("give exactly one of --store DIR or --release DIR")
+    if config is not None:
+        read_yaml(config)  # refuses duplicate keys and bad YAML naming the file and line (load_configs would not)
     v0_cfg, cfg = load_configs(config, max_minutes=max_minutes, max_steps=max_steps, seed=seed, threads=threads)
     torch.set_num_threads(cfg.threads)
     table, held = load_pairs(store, release, holdout)
+    if len(table) == 0:
+        raise ValueError(f"{store or release}: no training pairs (empty score files, or a store without scores or "
+                         "rollouts); fill the store with `v05 data import` / `v05 build-data`, or point --release at "
+                         "a V0-release folder with context.jsonl rows")
     if store is not None and cache_dir is None:
         cache_dir = str(Path(store) / "embeddings")
     out = Path(out)
@@ -97,10 +105,10 @@ def write_report(report_dir: Path, metrics: dict, result) -> None:
 
     from v0_model import metrics as M
 
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (report_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
     with open(report_dir / "history.jsonl", "w") as f:
         for row in result.history:
-            f.write(json.dumps(row, default=float) + "\n")
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     ok = ~np.isnan(result.val_preds["v0"])
     curves = {name: (result.val_table.rate[ok], p[ok]) for name, p in result.val_preds.items() if name != "context_mean"}
     M.calibration_plot(curves, report_dir / "calibration.png")
@@ -154,13 +162,28 @@ def report_markdown(metrics: dict) -> str:
 # ====================================================================================== predict-v0
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None and numpy scalars as Python numbers, so that
+    `json.dumps(..., allow_nan=False)` writes standard JSON (`null`, never `NaN`)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # numpy / torch scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def raw_rows(path: Path) -> list[dict]:
-    """The JSON objects of a jsonl file, in order, blank lines skipped (validated separately)."""
+    """The JSON objects of a jsonl file, in order, blank lines skipped (validated by `read_rows`, which
+    runs first and names the file and line of any bad one)."""
     out = []
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line in f:
             if line.strip():
-                out.append(json.loads(line))
+                out.append(json.loads(line.decode("utf-8")))
     return out
 
 
@@ -214,7 +237,7 @@ def write_predictions(out: Path, raw: list[dict], preds) -> None:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as f:
         for obj, p in zip(raw, preds):
-            f.write(json.dumps({**obj, "pred": float(p)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(json_safe({**obj, "pred": float(p)}), ensure_ascii=False, allow_nan=False) + "\n")
     os.replace(tmp, out)
 
 
@@ -232,6 +255,11 @@ def predict_v0(checkpoint: str, context: str, queries: str, prompts: str, out: s
     prompt_dict = read_prompt_dict(prompts)
     ctx_rows = read_rows(context, require_score=True, default_type="context")
     q_rows = read_rows(queries, require_score=False, default_type="query")
+    for path, rows, what in ((context, ctx_rows, "context rows with scores"), (queries, q_rows, "query rows")):
+        if not rows:
+            raise ValueError(f"{path}: no rows (the file is empty); give it the {what}, one JSON object per line "
+                             '(e.g. {"id": 1, "score": 0.2, "type": "context", "model": "m", "step": 16, '
+                             '"dataset": "dapomath"})')
     raw = raw_rows(Path(queries))
     if len(raw) != len(q_rows):  # pragma: no cover - both skip blank lines the same way
         raise ValueError(f"{queries}: could not align rows")
@@ -253,4 +281,4 @@ def predict_v0(checkpoint: str, context: str, queries: str, prompts: str, out: s
     return preds
 
 
-__all__ = ["load_pairs", "predict_v0", "pretrain_v0", "report_markdown", "summary_text", "write_report"]
+__all__ = ["json_safe", "load_pairs", "predict_v0", "pretrain_v0", "report_markdown", "summary_text", "write_report"]

@@ -4,14 +4,23 @@ Every command lives in a module of this package and only parses options, then ca
 `pipelines` (`rl_train`, `build_data`, `pretrain_v0`, ...). Commands are imported only when invoked, so
 `v05 sql` or `v05 --help` never pays for importing torch or transformers: `COMMANDS` below is the one
 place where project modules are named as strings. Add a command by adding one line to it.
+
+Errors (`pipelines.cli.options` has the convention): every error is one message naming the file /
+option / field and the fix; bad input exits 2, anything unexpected exits 1 with a one-line message; the
+traceback only with the global `--debug` flag or `V05_DEBUG=1`. Commands turn their recipe's errors into
+messages with `options.fail`; `V05Group.invoke` applies the same rule to whatever escapes a command, and
+prints warnings (a skipped checkpoint, a deprecated key) as one `warning: ...` line each.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 
 import click
+
+from pipelines.cli.options import DEBUG_ENV, debug_enabled, fail
 
 # name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
@@ -31,6 +40,8 @@ COMMANDS: dict[str, str] = {
 BENCH_COMMANDS: dict[str, str] = {
     "estimator": "pipelines.cli.benchmarks:estimator",
     "store": "pipelines.cli.benchmarks:store",
+    "gradient": "pipelines.bench.gradient:gradient",
+    "prior": "pipelines.bench.prior:prior_command",
 }
 
 
@@ -57,12 +68,41 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+class V05Group(LazyGroup):
+    """The top-level group: lazy commands, and the error convention for anything a command lets escape."""
+
+    def invoke(self, ctx: click.Context):
+        with warnings.catch_warnings():
+            if not debug_enabled():
+                warnings.showwarning = show_warning
+            try:
+                return super().invoke(ctx)
+            except (click.ClickException, click.exceptions.Exit, click.Abort):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place that turns any error into a message
+                if debug_enabled():
+                    raise
+                raise fail(exc) from None
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the command line: one `warning: ...` line on stderr, no source location."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["v05.debug"] = True
+
+
 @click.group(
-    cls=LazyGroup,
+    cls=V05Group,
     lazy=COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 @click.version_option(package_name="v05")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=set_debug,
+              help=f"Print the traceback of an error (also: {DEBUG_ENV}=1).")
 def main() -> None:
     """V0.5: a generalist value model as a prior for sparse RL rollouts.
 

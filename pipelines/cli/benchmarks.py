@@ -8,13 +8,13 @@ import click
 
 from pipelines.bench.estimator import BenchConfig, bench_estimator
 from pipelines.bench.store import N_PROMPTS, bench_store
-from pipelines.cli.options import RECIPE_ERRORS, fail
+from pipelines.cli.options import COUNT, POSITIVE, RECIPE_ERRORS, fail
 
 
 @click.command("estimator")
-@click.option("--prompts", type=int, default=BenchConfig.prompts, show_default=True,
+@click.option("--prompts", type=POSITIVE, default=BenchConfig.prompts, show_default=True,
               help="Simulated prompts per (difficulty distribution, prior-error regime).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the Monte Carlo.")
+@click.option("--seed", type=COUNT, default=0, show_default=True, help="Seed of the Monte Carlo.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for estimator_bench.json and estimator_bench.png (created if missing).")
 @click.option("--quick", is_flag=True, help="20,000 prompts instead of the default: a fast, noisier check.")
@@ -34,11 +34,11 @@ def estimator(prompts: int, seed: int, out_dir: Path | None, quick: bool, speed:
 
 
 @click.command("store")
-@click.option("--n", "n_rollouts", type=int, default=10_000_000, show_default=True, help="rollouts to synthesise")
+@click.option("--n", "n_rollouts", type=POSITIVE, default=10_000_000, show_default=True, help="rollouts to synthesise")
 @click.option("--quick", is_flag=True, help="1 M rollouts instead of the default (overrides --n)")
-@click.option("--repeats", type=int, default=3, show_default=True, help="timed repeats of the aggregation (median reported)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the synthetic data")
-@click.option("--prompts", "n_prompts", type=int, default=N_PROMPTS, show_default=True, help="distinct prompts")
+@click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="timed repeats of the aggregation (median reported)")
+@click.option("--seed", type=COUNT, default=0, show_default=True, help="seed of the synthetic data")
+@click.option("--prompts", "n_prompts", type=POSITIVE, default=N_PROMPTS, show_default=True, help="distinct prompts")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="where to build the store and floor files (default: a temporary folder, deleted afterwards)")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench_store.json"),

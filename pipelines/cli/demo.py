@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipelines.cli.options import RECIPE_ERRORS, fail
+from pipelines.cli.options import COUNT, POSITIVE, RECIPE_ERRORS, fail
 
 
 @click.command()
@@ -16,9 +16,9 @@ from pipelines.cli.options import RECIPE_ERRORS, fail
               show_default=True, help="Folder for every stage's outputs; reused to resume.")
 @click.option("--quick", is_flag=True, help="Smallest sizes everywhere (~3 min; used by the end-to-end test).")
 @click.option("--force", is_flag=True, help="Redo stages that already finished.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every stage.")
-@click.option("--jobs", type=int, default=None, help="Processes in parallel for warm starts and RL runs (default: 2, quick: 1).")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads of the in-process stages (tiny models run best on one).")
+@click.option("--seed", type=COUNT, default=0, show_default=True, help="Seed for every stage.")
+@click.option("--jobs", type=POSITIVE, default=None, help="Processes in parallel for warm starts and RL runs (default: 2, quick: 1).")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch CPU threads of the in-process stages (tiny models run best on one).")
 def demo(out: Path, quick: bool, force: bool, seed: int, jobs: int | None, threads: int | None) -> None:
     """Run the main job on the embedded default: stage 1 (build-data, V0) -> stage 2 (V0.5 vs GRPO vs DAPO) -> report."""
     from pipelines.demo import QUICK, DemoConfig, run_demo

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from pipelines.cli.options import RECIPE_ERRORS, RegistryChoice, fail
+from pipelines.cli.options import COUNT, POSITIVE, RECIPE_ERRORS, RegistryChoice, check_device_option, fail
 from pipelines.common import set_threads
 from pipelines.config import DEFAULT_CONFIG, ConfigError, load_config, parse_set
 from pipelines.rl_train import ENGINES
@@ -67,42 +67,41 @@ def option_fields(options: dict[str, Any]) -> dict[str, Any]:
                    "from extra unbudgeted rollouts plus noise); v0 (needs --v0-checkpoint).")
 @click.option("--v0-checkpoint", type=click.Path(dir_okay=False), default=None, help="V0 checkpoint for --prior v0.")
 @click.option("--policy", default=None, help="Policy: tiny-s / tiny-m / tiny-l, a local save_pretrained folder or a Hub id.")
-@click.option("--rollout-budget", type=int, default=None, help="Stop after this many generated rollouts (all counted).")
-@click.option("--steps", type=int, default=None, help="Training steps (the run also stops at --rollout-budget).")
-@click.option("--max-minutes", type=float, default=None, help="Stop after this many minutes of training steps (evaluation excluded).")
-@click.option("--rollouts-per-step", type=int, default=None, help="Prompt batch × rollouts per prompt (compute matching).")
-@click.option("--k", type=int, default=None, help="Rollouts per prompt for v05-fixed.")
-@click.option("--group-size", type=int, default=None, help="G for grpo / dapo.")
+@click.option("--rollout-budget", type=POSITIVE, default=None, help="Stop after this many generated rollouts (all counted).")
+@click.option("--steps", type=COUNT, default=None, help="Training steps (the run also stops at --rollout-budget).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many minutes of training steps (evaluation excluded).")
+@click.option("--rollouts-per-step", type=POSITIVE, default=None, help="Prompt batch × rollouts per prompt (compute matching).")
+@click.option("--k", type=POSITIVE, default=None, help="Rollouts per prompt for v05-fixed.")
+@click.option("--group-size", type=POSITIVE, default=None, help="G for grpo / dapo.")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate.")
-@click.option("--seed", type=int, default=None, help="Seed of prompt order, sampling and prior noise.")
+@click.option("--seed", type=COUNT, default=None, help="Seed of prompt order, sampling and prior noise.")
 @click.option("--prior-noise-std", type=float, default=None, help="oracle-noise: Gaussian noise std on [-1, 1].")
 @click.option("--prior-flip-fraction", type=float, default=None, help="oracle-noise: fraction of flipped priors.")
 @click.option("--store", type=click.Path(file_okay=False), default=None, help="Trajectory store: write every rollout there.")
 @click.option("--logger", type=RegistryChoice(_loggers), default=None, help="Extra metrics logger (when installed).")
-@click.option("--device", default=None, help="cpu, cuda or auto.")
+@click.option("--device", default=None, callback=check_device_option, help="cpu, cuda or auto.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config field, e.g. --set evaluation.every=5 or --set osla.no_prior=k_init.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (bit-for-bit the same schedule).")
 @click.option("--backend", type=RegistryChoice(_backends), default="hf", show_default=True, help="Rollout backend of the local engine.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="--engine verl: compose and validate the config, check the run folder and the V0 / TabPFN files, "
+                   "print the config and stop before Ray starts.")
 @click.argument("overrides", nargs=-1)
-def rl_train(engine, config_path, out, algorithm, prior, v0_checkpoint, policy, rollout_budget, steps, max_minutes,
-             rollouts_per_step, k, group_size, lr, seed, prior_noise_std, prior_flip_fraction, store, logger, device,
-             sets, resume, backend, threads, progress, overrides) -> None:
+def rl_train(engine, config_path, out, sets, resume, backend, threads, progress, dry_run, overrides, **options) -> None:
     """RL training with GRPO, DAPO or V0.5 (embedded CPU engine or verl).
 
     OVERRIDES are KEY=VALUE pairs: fields of the 'rl' section for the local engine (like --set), Hydra
-    overrides (e.g. v05.v0_checkpoint=PATH) for --engine verl.
+    overrides (e.g. v05.v0_checkpoint=PATH) for --engine verl. The named options (--algorithm, --lr, ...)
+    are shortcuts for fields of the same config.
     """
     sets = tuple(sets) + tuple(overrides)
-    options = dict(algorithm=algorithm, prior=prior, v0_checkpoint=v0_checkpoint, policy=policy,
-                   rollout_budget=rollout_budget, steps=steps, max_minutes=max_minutes,
-                   rollouts_per_step=rollouts_per_step, k=k, group_size=group_size, lr=lr, seed=seed,
-                   prior_noise_std=prior_noise_std, prior_flip_fraction=prior_flip_fraction, store=store,
-                   logger=logger, device=device)
+    if dry_run and engine != "verl":
+        raise click.UsageError("--dry-run applies to --engine verl only")
     if engine == "verl":
-        _launch_verl(config_path, out, options, sets, resume)
+        _launch_verl(config_path, out, options, sets, resume, dry_run)
         return
     from pipelines.rl_train import rl_train as recipe
     from v05_rl.engine.config import TrainConfig
@@ -127,22 +126,23 @@ VERL_KEYS = {
 }
 
 
-def _launch_verl(config_path: Path | None, out: Path, options: dict[str, Any], sets: tuple[str, ...], resume: bool) -> None:
+def _launch_verl(config_path: Path | None, out: Path, options: dict[str, Any], sets: tuple[str, ...], resume: bool,
+                 dry_run: bool = False) -> None:
     """Check that the given options apply to verl, then launch (`pipelines.rl_train.launch_verl`)."""
     from pipelines.rl_train import launch_verl
 
     if config_path is None:
-        raise click.ClickException("--engine verl needs --config pointing to a verl config, e.g. pipelines/configs/paper.yaml")
+        raise click.UsageError("--engine verl needs --config pointing to a verl config, e.g. pipelines/configs/paper.yaml")
     given = {k: v for k, v in options.items() if v is not None}
     unsupported = sorted(set(given) - set(VERL_KEYS))
     if unsupported:
-        raise click.ClickException(
+        raise click.UsageError(
             f"--engine verl: option(s) {', '.join('--' + u.replace('_', '-') for u in unsupported)} belong to the local "
             "engine; give verl settings as Hydra overrides (KEY=VALUE arguments)"
         )
     try:
         launch_verl(config_path, out, settings=[f"{VERL_KEYS[k]}={v}" for k, v in given.items()], overrides=sets,
-                    resume=resume)
+                    resume=resume, dry_run=dry_run)
     except RECIPE_ERRORS as exc:
         raise fail(exc) from None
 
@@ -157,10 +157,10 @@ def _launch_verl(config_path: Path | None, out: Path, options: dict[str, Any], s
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"YAML config (sections 'build_data' and 'rl'); default: the embedded {DEFAULT_CONFIG.name}.")
 @click.option("--policies", default=None, help="Comma-separated policies (default: the tiny family).")
-@click.option("--steps", type=int, default=None, help="GRPO steps per policy.")
-@click.option("--seed", type=int, default=None, help="Seed of every run.")
+@click.option("--steps", type=COUNT, default=None, help="GRPO steps per policy.")
+@click.option("--seed", type=COUNT, default=None, help="Seed of every run.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field of the 'rl' section (GRPO settings).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def build_data(store, out, config_path, policies, steps, seed, sets, threads, progress) -> None:
     """Run GRPO over a list of policies and record every rollout at every step into the store.
@@ -193,22 +193,25 @@ def build_data(store, out, config_path, policies, steps, seed, sets, threads, pr
 @click.option("--tasks", default="arith", show_default=True, help="Task source (arith, parquet, v0_release, ...).")
 @click.option("--path", "tasks_path", default=None, help="Path or spec for the task source (parquet file, arith spec).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option("--n-prompts", type=int, default=None, help="Evaluate only the first N prompts.")
-@click.option("--k", type=int, default=16, show_default=True, help="Samples per prompt (mean@k).")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (paper: 1.0).")
-@click.option("--top-p", type=float, default=0.7, show_default=True, help="Nucleus sampling (paper: 0.7).")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Maximum response length in tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--n-prompts", type=POSITIVE, default=None, help="Evaluate only the first N prompts.")
+@click.option("--k", type=POSITIVE, default=16, show_default=True, help="Samples per prompt (mean@k).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Sampling temperature (paper: 1.0).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.7, show_default=True, help="Nucleus sampling (paper: 0.7).")
+@click.option("--max-new-tokens", type=POSITIVE, default=16, show_default=True, help="Maximum response length in tokens.")
+@click.option("--seed", type=COUNT, default=0, show_default=True, help="Sampling seed.")
+@click.option("--device", default="cpu", show_default=True, callback=check_device_option, help="cpu, cuda or auto.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the result as JSON here.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads.")
 def evaluate(policy, tasks, tasks_path, split, n_prompts, k, temperature, top_p, max_new_tokens, seed, device, out,
              threads) -> None:
     """mean@k accuracy of a policy on a task source (paper: temperature 1.0, top-p 0.7, k = 16)."""
     from pipelines.evaluate import evaluate as recipe
+    from pipelines.rl_train import require_answers
+    from v05_rl.engine import load_task_prompts
 
     set_threads(threads)
     try:
+        require_answers(load_task_prompts(tasks, tasks_path, split), tasks=tasks, path=tasks_path, split=split)
         recipe(policy, tasks=tasks, tasks_path=tasks_path, split=split, n_prompts=n_prompts, k=k,
                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, device=device, out=out)
     except RECIPE_ERRORS as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipelines.cli.options import RECIPE_ERRORS, fail
+from pipelines.cli.options import COUNT, POSITIVE, RECIPE_ERRORS, fail
 
 
 @click.command("pretrain-v0")
@@ -15,13 +15,13 @@ from pipelines.cli.options import RECIPE_ERRORS, fail
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="checkpoint file to write")
 @click.option("--config", "config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML with sections backbone / adapter / head / bank / train (top level or under `v0:`) overriding the defaults")
-@click.option("--max-minutes", type=float, default=None, help="wall-clock limit of the training loop (minutes)")
-@click.option("--max-steps", type=int, default=None, help="optimiser steps (overrides the config)")
-@click.option("--seed", type=int, default=None, help="seed of the split, sampling and initialisation")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default from config: 1)")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="wall-clock limit of the training loop (minutes)")
+@click.option("--max-steps", type=POSITIVE, default=None, help="optimiser steps (overrides the config)")
+@click.option("--seed", type=COUNT, default=None, help="seed of the split, sampling and initialisation")
+@click.option("--threads", type=POSITIVE, default=None, help="torch CPU threads (default from config: 1)")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="embedding cache directory (default: <store>/embeddings, else $V05_CACHE_DIR or ~/.cache/v05)")
-@click.option("--cv-folds", type=int, default=0, show_default=True,
+@click.option("--cv-folds", type=COUNT, default=0, show_default=True,
               help="also run prompt-disjoint k-fold cross-validation and report mean/std per predictor (0 = off)")
 @click.option("--holdout", "holdout", default=None, metavar="FILE",
               help="with --release: a score file of the folder (e.g. train.jsonl) kept out of training and of the "
@@ -55,12 +55,12 @@ def pretrain_v0(store, release, out, config, max_minutes, max_steps, seed, threa
               help='prompt dict JSON {"<dataset>_<id>": text}')
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True,
               help="output jsonl: the query rows with `pred` added, in input order")
-@click.option("--max-context", type=int, default=None,
+@click.option("--max-context", type=POSITIVE, default=None,
               help="context rows used per (model, step), a seeded sample when more (default: all)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the context sample")
+@click.option("--seed", type=COUNT, default=0, show_default=True, help="seed of the context sample")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="embedding cache directory (default: $V05_CACHE_DIR or ~/.cache/v05)")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads")
+@click.option("--threads", type=POSITIVE, default=1, show_default=True, help="torch CPU threads")
 @click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
               help="keep adapter features on disk per checkpoint, so repeated calls only run the head")
 @click.option("--quiet", is_flag=True, help="no progress bars or timing line")

@@ -6,6 +6,7 @@
     advantage.py  advantages from the estimator registry
     update.py     PPO-clip update (Eq. 10)
     trainer.py    the loop: steps, evaluation, checkpoints, store, metrics.jsonl
+    run_folder.py one writer per run folder (lock), checksummed checkpoints, the non-finite stop
     build.py      assembling a run from its config; run_training
 """
 

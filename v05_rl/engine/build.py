@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -13,6 +13,7 @@ from v0_data.tasks import get_source
 from v0_data.tasks.base import Prompt
 from v05_rl.engine.config import TrainConfig
 from v05_rl.engine.sampler import derive_seed
+from v05_rl.engine.run_folder import RunFolderError, RunLock, write_atomic
 from v05_rl.engine.trainer import Trainer
 from v05_rl.evaluate import evaluate_policy
 from v05_rl.policies import load_policy
@@ -75,6 +76,11 @@ def build_trainer(
         ref_model, _ = load_policy(cfg.policy, device)
     backend = get_backend(backend_name, model, tokenizer)
     train_prompts = load_task_prompts(cfg.tasks, cfg.tasks_path, cfg.train_split)
+    if cfg.train_prompts is not None:
+        if len(train_prompts) < cfg.train_prompts:
+            raise ValueError(f"train_prompts={cfg.train_prompts} but split {cfg.train_split!r} of {cfg.tasks!r} "
+                             f"holds {len(train_prompts)}; lower train_prompts or raise the task source's size")
+        train_prompts = train_prompts[: cfg.train_prompts]
     eval_prompts: list[Prompt] = []
     evaluate_fn = None
     if cfg.evaluation.prompts > 0:
@@ -95,23 +101,31 @@ def build_trainer(
 
 
 def run_training(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, backend_name: str = "hf",
-                 progress: bool = True, on_step: Callable[[StepStats], None] | None = None) -> Trainer:
-    """Build, optionally resume, train, and write `config.json` and the final policy under `out_dir`."""
+                 progress: bool = True, on_step: Callable[[StepStats], None] | None = None,
+                 files: Mapping[str, str] | None = None) -> Trainer:
+    """Build, optionally resume, train, and write `config.json`, `files` ({name: text}, e.g. the recipe's
+    `config.yaml`) and the final policy under `out_dir`.
+
+    Run-folder guarantees: the folder is locked for the whole run (`RunLock`: a second process is refused);
+    nothing in it is written before the checks pass (no `--resume` over another run's files, a resumed
+    checkpoint verified and its config matched), so a refused start leaves the folder as it was.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "checkpoints" / "latest").exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    (out / "config.json").write_text(json.dumps(cfg.resolved(), indent=2, default=str))
-    trainer, tokenizer = build_trainer(cfg, out, backend_name=backend_name, progress=progress)
-    try:
-        resumed = trainer.load_checkpoint() if resume else False
-        if not resumed and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh start: no log lines of an earlier attempt
-        trainer.train(on_step=on_step)
-        trainer.save_policy(out / "policy", tokenizer)
-    finally:
-        if trainer.owns_store:
-            trainer.store.close()
+    with RunLock(out):
+        if not resume and (out / "checkpoints" / "latest").exists():
+            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        trainer, tokenizer = build_trainer(cfg, out, backend_name=backend_name, progress=progress)
+        try:
+            resumed = trainer.load_checkpoint() if resume else False
+            for name, text in {"config.json": json.dumps(cfg.resolved(), indent=2, default=str), **(files or {})}.items():
+                write_atomic(out / name, text)
+            if not resumed and (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").unlink()  # a fresh start: no log lines of an earlier attempt
+            trainer.train(on_step=on_step)
+            trainer.save_policy(out / "policy", tokenizer)
+        finally:
+            if trainer.owns_store:
+                trainer.store.close()
     return trainer
 
 

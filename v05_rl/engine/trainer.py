@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -54,6 +54,18 @@ from v05_rl.engine.collect import (
 )
 from v05_rl.engine.config import TrainConfig
 from v05_rl.engine.loggers import make_logger
+from v05_rl.engine.run_folder import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    check_finite,
+    checksum_path,
+    file_sha256,
+    newest_intact_checkpoint,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_atomic,
+)
 from v05_rl.engine.sampler import PromptSampler, derive_seed
 from v05_rl.engine.update import UpdateSettings, ppo_update
 from v05_rl.priors import PriorRuntime, PriorSource, make_prior_source
@@ -159,6 +171,11 @@ class Trainer:
         prompts = [self.train_prompts[i] for i in self.sampler.take(B)]
         if not cfg.uses_prior:
             return collect_fixed(prompts, cfg.group_k, self.rollouts, seed_of(0))
+        if cfg.algorithm == "v05" and not getattr(self.prior_source, "uses_policy", False):
+            # the planner needs the prior only after the cold start: compute it while round 0 generates
+            # (not for a source that itself generates with the policy, like the oracle)
+            late = lambda: query_priors(self.prior_source, prompts, cfg.prior)[0]  # noqa: E731
+            return collect_osla(prompts, late, cfg.osla, self.rollouts, seed_of)
         priors, t_prior = query_priors(self.prior_source, prompts, cfg.prior)
         if cfg.algorithm == "v05-fixed":
             return collect_fixed(prompts, cfg.k, self.rollouts, seed_of(0), priors=priors, t_prior=t_prior)
@@ -181,11 +198,12 @@ class Trainer:
             adv, adv_stats = compute_advantages(self.estimator, self.estimator_options, rewards, group, col.priors)
             t_alloc += time.perf_counter() - ta
             # feed the support buffer after the priors of this step were drawn (no leakage)
-            self.prior_source.observe([p.prompt_id for p in col.prompts], col.success_rates())
+            self.prior_source.observe([p.prompt_id for p in col.prompts], col.success_rates(), counts=col.counts)
             tu = time.perf_counter()
             gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.step, 0xB47C))
             upd = ppo_update(self.model, self.optimizer, col.chunks, adv, self.update_settings,
                              ref_model=self.ref_model, generator=gen)
+            check_finite(self.step + 1, upd, self.model, float(self.optimizer.param_groups[0]["lr"]))
             self.scheduler.step()
             t_update = time.perf_counter() - tu
         else:
@@ -301,7 +319,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "config": asdict(self.cfg),
             "step": self.step,
             "rollouts_used": self.rollouts_used,
@@ -313,39 +331,44 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "prior": self.prior_source.state_dict(),
             "run_id": self.run_id,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rng": rng_state(),
         }
 
     def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step_NNNNNNN.pt`, its SHA-256 sidecar, then point `latest` at it (each file
+        through a temporary file and a rename, so a crash leaves the previous checkpoint intact); keep
+        the newest `keep_checkpoints`."""
         ckpt_dir = self.out / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = ckpt_dir / f"step_{self.step:07d}.pt"
-        tmp = path.with_suffix(".pt.tmp")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         torch.save(self.state_dict(), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        write_atomic(checksum_path(path), f"{file_sha256(tmp)}  {path.name}\n")
         tmp.replace(path)
-        (ckpt_dir / "latest").write_text(path.name)
-        kept = sorted(ckpt_dir.glob("step_*.pt"))
+        write_atomic(ckpt_dir / "latest", path.name)
+        kept = sorted(p for p in ckpt_dir.glob("step_*.pt") if CHECKPOINT_NAME.match(p.name))
         for old in kept[: max(0, len(kept) - max(1, self.cfg.keep_checkpoints))]:
             old.unlink()
+            checksum_path(old).unlink(missing_ok=True)
         return path
 
     def load_checkpoint(self, path: str | Path | None = None) -> bool:
-        """Restore the latest (or the given) checkpoint; returns False when there is none."""
-        ckpt_dir = self.out / "checkpoints"
+        """Restore the newest intact checkpoint (or the given one); returns False when there is none.
+
+        Nothing in the run folder changes until the checkpoint is verified (checksum, weights-only load)
+        and its config matches this run's: only then are the log lines after it dropped. A damaged
+        checkpoint is skipped with a `CheckpointWarning` for the previous intact one (`newest_intact_checkpoint`).
+        """
         if path is None:
-            latest = ckpt_dir / "latest"
-            if not latest.exists():
+            found = newest_intact_checkpoint(self.out / "checkpoints")
+            if found is None:
                 return False
-            path = ckpt_dir / latest.read_text().strip()
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist; remove {ckpt_dir / 'latest'} or pass a valid path")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+            path, state = found
+        else:
+            path = Path(path)
+            state = read_checkpoint(path)
         differ = config_differences(state["config"], asdict(self.cfg))
         if differ:
             raise ValueError(
@@ -367,12 +390,7 @@ class Trainer:
         self.oracle_rollouts = int(state["oracle_rollouts"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.run_id = state.get("run_id")
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(state["rng"])
 
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint so the resumed log reads as one run."""
@@ -387,7 +405,7 @@ class Trainer:
                 continue
             if rec.get("step", 0) <= self.step:
                 keep.append(line)
-        path.write_text("".join(x + "\n" for x in keep))
+        write_atomic(path, "".join(x + "\n" for x in keep))
         self.history = [json.loads(x) for x in keep]
 
     def save_policy(self, path: str | Path, tokenizer: Any = None) -> Path:

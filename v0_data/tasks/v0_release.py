@@ -91,6 +91,8 @@ def read_prompt_dict(path: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"{path}: prompt dict not found. Fix: pass the release's {PROMPT_DICT}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: byte {exc.start}: not UTF-8 text. Fix: save the prompt dict as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"{path}: line {exc.lineno}: malformed JSON ({exc.msg}). Fix: the prompt dict must be one JSON "
@@ -113,6 +115,8 @@ def _int_field(value: Any, file: str, line: int, name: str, fix: str) -> int:
         if not value.is_integer():
             raise _bad(file, line, name, f"expected an integer, got {value!r}", fix)
         value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise _bad(file, line, name, f"{value:.3g} does not fit a 64-bit integer", fix)
     return value
 
 
@@ -171,8 +175,13 @@ def read_rows(path: str | Path, *, require_score: bool = True, default_type: str
     if not path.is_file():
         raise FileNotFoundError(f"{path}: score file not found. Fix: pass a V0-release .jsonl file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: line {line_no}: byte {exc.start} of the line is not UTF-8. Fix: save the "
+                                 "score file as UTF-8") from None
             if not line.strip():
                 continue
             try:
