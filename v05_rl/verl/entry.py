@@ -8,10 +8,15 @@
 so verl's own `ppo_trainer` defaults come first and the file's values override them; command-line
 overrides use Hydra's syntax (`data.train_batch_size=64`, `+new.key=1`).
 
-`launch(path, overrides)` validates the config with verl's `validate_config` and starts the run through
-verl's `run_ppo` (Ray init, one remote task runner):
+`launch(path, overrides)` validates the config with verl's `validate_config` (and, for V0.5, that the
+V0 / TabPFN checkpoints load: a missing file fails here, not on the task-runner node at the first prior
+query) and starts the run through verl's `run_ppo` (Ray init, one remote task runner):
 - `algorithm.adv_estimator=v05`: `V05TaskRunner`, which imports `v05_rl.verl.estimator` (registering
-  the estimator in the task-runner process, where verl computes advantages) and trains `RayV05Trainer`;
+  the estimator in the task-runner process, where verl computes advantages) and trains `RayV05Trainer`.
+  The task runner hosts the prior, so its Ray resources follow `v05` (`task_runner_resources`):
+  `num_cpus = v05.prior_threads` (torch uses that many threads there) and `num_gpus = 1` when
+  `v05.prior_device` is cuda (or `v05.prior_num_gpus`). verl's worker placement reserves whole GPUs
+  (nnodes × n_gpus_per_node bundles of GPU 1), so a GPU prior needs one Ray GPU beyond those;
 - otherwise with `trainer.use_v1=false`: the same task runner with verl's stock `RayPPOTrainer` (GRPO);
 - `trainer.use_v1=true`: verl's own `TaskRunnerV1` (the DAPO baseline uses its group filtering).
 The project must be installed on every Ray node (`pip install 'v05[verl]'`): the workers import it.
@@ -45,16 +50,47 @@ def build_config(config_path: str | Path, overrides: Sequence[str] = ()) -> Any:
         return compose(config_name=path.stem, overrides=list(overrides))
 
 
-def validate(config: Any) -> None:
-    """verl's own checks, plus V0.5's when `algorithm.adv_estimator=v05`."""
+def validate(config: Any, *, check_files: bool = True) -> None:
+    """verl's own checks, plus V0.5's when `algorithm.adv_estimator=v05`.
+
+    check_files: also load the V0 checkpoint (and resolve its backbone / TabPFN checkpoint), so that a
+    missing file fails before Ray starts (`check_v05_files`)."""
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     if config.algorithm.adv_estimator == "v05":
-        from v05_rl.verl.trainer import check_v05_config
+        from v05_rl.verl.trainer import check_v05_config, check_v05_files
 
-        check_v05_config(config)
+        settings = check_v05_config(config)
+        if check_files:
+            check_v05_files(settings)
+
+
+def check_run_folder(config: Any) -> None:
+    """A fresh run (`trainer.resume_mode=disable`) refuses a non-empty `trainer.default_local_dir`: verl
+    would write its checkpoints among an earlier run's, and a later `--resume` would pick the newest of
+    either. `resume_mode=auto` (`v05 rl-train --resume`) continues from the newest `global_step_N` there."""
+    trainer = config.trainer
+    if trainer.get("resume_mode", "auto") != "disable" or trainer.get("default_local_dir") is None:
+        return
+    folder = Path(str(trainer.default_local_dir)).expanduser()
+    if folder.is_dir() and any(folder.iterdir()):
+        held = sorted(p.name for p in folder.iterdir())
+        raise FileExistsError(
+            f"run folder {folder} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): pass --resume "
+            "to continue that run from its newest checkpoint, or choose a new --out"
+        )
+
+
+def task_runner_resources(config: Any) -> dict[str, float]:
+    """Ray resources of the task runner: V0.5's prior runs there (`V05Settings.task_runner_resources`);
+    verl's default (1 CPU) for the stock trainer."""
+    if config.algorithm.adv_estimator == "v05":
+        from v05_rl.verl.trainer import V05Settings
+
+        return V05Settings.from_section(config.get("v05")).task_runner_resources()
+    return {"num_cpus": 1, "num_gpus": 0.0}
 
 
 def launch(config_path: str | Path, overrides: Sequence[str] = (), *, dry_run: bool = False) -> Any:
@@ -71,6 +107,7 @@ def launch(config_path: str | Path, overrides: Sequence[str] = (), *, dry_run: b
 
     auto_set_device(config)
     validate(config)
+    check_run_folder(config)
     if dry_run:
         print(OmegaConf.to_yaml(config, resolve=True))
         return config
@@ -84,7 +121,7 @@ def launch(config_path: str | Path, overrides: Sequence[str] = (), *, dry_run: b
 
         run_ppo(config, task_runner_class=TaskRunnerV1)
     else:
-        run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(_task_runner_class()))
+        run_ppo(config, task_runner_class=ray.remote(**task_runner_resources(config))(_task_runner_class()))
     return config
 
 
@@ -112,6 +149,10 @@ def _task_runner_class() -> type:
             from verl.workers.config import HFModelConfig
 
             print(f"V05TaskRunner on {socket.gethostname()}, pid {os.getpid()}")
+            if config.algorithm.adv_estimator == "v05":  # the prior's threads = the CPUs Ray gave this actor
+                import torch
+
+                torch.set_num_threads(int(task_runner_resources(config)["num_cpus"]))
             pprint(OmegaConf.to_container(config, resolve=True))
             OmegaConf.resolve(config)
             actor_rollout_cls, _ = self.add_actor_rollout_worker(config)
@@ -119,7 +160,7 @@ def _task_runner_class() -> type:
             self.add_reward_model_resource_pool(config)
             self.add_teacher_model_resource_pool(config)
             self.add_ref_policy_worker(config, actor_rollout_cls)
-            validate(config)
+            validate(config, check_files=False)  # the launcher checked the files; the trainer loads them
 
             model_config: HFModelConfig = omega_conf_to_dataclass(config.actor_rollout_ref.model)
             tokenizer, processor = model_config.tokenizer, model_config.processor
@@ -156,4 +197,4 @@ def _task_runner_class() -> type:
     return V05TaskRunner
 
 
-__all__ = ["build_config", "launch", "validate"]
+__all__ = ["build_config", "check_run_folder", "launch", "task_runner_resources", "validate"]

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from v05_rl.estimators import DEFAULT_STD_FLOOR, FUSION_METHODS, v05_advantages
+from v05_rl.estimators import DEFAULT_STD_FLOOR, FUSION_METHODS, SAFE_SIGMA_RULE, SIGMA_RULES, v05_advantages
 from verl.trainer.ppo.core_algos import register_adv_est
 
 ESTIMATOR_NAME = "v05"
@@ -49,6 +49,10 @@ class EstimatorOptions:
 
     method: str = field(default="paper", metadata={"help": "fusion method: paper, bernoulli, empirical-bayes"})
     std_floor: float = field(default=DEFAULT_STD_FLOOR, metadata={"help": "floor on sigma* = sqrt(1 - mu*^2)"})
+    sigma_rule: str = field(
+        default=SAFE_SIGMA_RULE,
+        metadata={"help": "sigma*: noise-bound (floor 1/sqrt(k), fixes the ±1 hazard) or paper (Eq. 10 as printed)"},
+    )
     reward_map: str = field(
         default="pm1", metadata={"help": "how verl scores become ±1: pm1 (as is), 01 (2r - 1), positive (r > 0)"}
     )
@@ -58,6 +62,8 @@ class EstimatorOptions:
             raise ValueError(
                 f"v05.method: unknown fusion method {self.method!r}; valid: {', '.join(FUSION_METHODS.names())}"
             )
+        if self.sigma_rule not in SIGMA_RULES:
+            raise ValueError(f"v05.sigma_rule: unknown rule {self.sigma_rule!r}; valid: {', '.join(SIGMA_RULES.names())}")
         if not self.std_floor > 0:
             raise ValueError(f"v05.std_floor: expected a positive floor (default 0.1), got {self.std_floor!r}")
         if self.reward_map not in REWARD_MAPS:
@@ -69,7 +75,7 @@ class EstimatorOptions:
         section = _get(config, "v05")
         if section is None:
             return cls()
-        kw = {name: _get(section, name) for name in ("method", "std_floor", "reward_map")}
+        kw = {name: _get(section, name) for name in ("method", "std_floor", "sigma_rule", "reward_map")}
         return cls(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -177,7 +183,8 @@ def compute_v05_outcome_advantage(
             else:
                 prior = group_priors(reward_baselines[real].detach().cpu().to(torch.float32), gid, first)  # [G]
             a = v05_advantages(
-                scores, torch.as_tensor(gid), prior=prior, method=opts.method, std_floor=opts.std_floor
+                scores, torch.as_tensor(gid), prior=prior, method=opts.method, std_floor=opts.std_floor,
+                sigma_rule=opts.sigma_rule,
             )  # [n]
             adv[real.to(adv.device)] = a.to(adv.device, torch.float32)
         out = adv.unsqueeze(-1) * response_mask  # [N, L]

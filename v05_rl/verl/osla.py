@@ -70,7 +70,7 @@ class OslaRollouts(NamedTuple):
     prompt_row: (N,) int64, which input prompt each row belongs to
     counts:     (B,) int64, rollouts per prompt (k_i)
     sums:       (B,) int64, Σ of each prompt's ±1 rewards
-    priors:     (B,) float64, the prior V used (NaN = none)
+    priors:     (B,) float64, the prior V used (NaN = none; resolved after the cold start when given as a callable)
     rounds:     one RoundStats per dispatch
     timing:     verl's agent-loop timing of the dispatches, summed per key
     """
@@ -103,7 +103,7 @@ def _fillers(selected: np.ndarray, n_fill: int, n_prompts: int) -> np.ndarray:
 def generate_osla(
     prompt_batch: DataProto,
     gen_batch: DataProto,
-    priors: np.ndarray,
+    priors: np.ndarray | Callable[[], np.ndarray],
     manager: RolloutManager,
     cfg: OslaConfig,
     *,
@@ -116,7 +116,9 @@ def generate_osla(
     """Run the cold start and the OSLA rounds for one batch; see the module docstring.
 
     prompt_batch: B rows that stay on the driver (at least `uid`; verl keeps the reward columns here);
-    gen_batch: the same B prompts as sent to generation (verl's `_get_gen_batch`); priors: (B,) V per prompt.
+    gen_batch: the same B prompts as sent to generation (verl's `_get_gen_batch`); priors: (B,) V per prompt,
+    or a zero-argument callable returning them, called after the cold-start dispatch (round 0 does not look
+    at the prior, so it can be computed meanwhile, e.g. `future.result` of a thread).
     score_rows: optional hook adding `rm_scores` to generated rows when the agent loop does not score them.
     max_rounds: optional bound on the number of dispatches (the cap already bounds it by
     1 + ceil((k_max - k_init) / step)).
@@ -126,9 +128,10 @@ def generate_osla(
         raise ValueError(f"gen_batch has {len(gen_batch)} rows but prompt_batch has {n_prompts}; pass the same prompts")
     if "uid" not in prompt_batch.non_tensor_batch:
         raise ValueError("prompt_batch has no 'uid' column; give every prompt a uid before generating")
-    priors = np.asarray(priors, dtype=np.float64)
-    if priors.shape != (n_prompts,):
-        raise ValueError(f"priors: expected shape ({n_prompts},), one per prompt, got {priors.shape}")
+    if not callable(priors):
+        priors = np.asarray(priors, dtype=np.float64)
+        if priors.shape != (n_prompts,):
+            raise ValueError(f"priors: expected shape ({n_prompts},), one per prompt, got {priors.shape}")
     if dispatch_multiple < 1:
         raise ValueError(f"dispatch_multiple must be >= 1, got {dispatch_multiple}")
 
@@ -154,11 +157,11 @@ def generate_osla(
         fillers.append(int(n_fill))
         return Dispatched(selected, sequence_rewards(rows, reward_map))
 
-    res = run_osla(priors, cfg, dispatch, max_rounds=max_rounds, clock=clock)
+    res = run_osla(priors, cfg, dispatch, n_prompts=n_prompts, max_rounds=max_rounds, clock=clock)
     rounds = [RoundStats(r.index, r.prompts, r.rollouts, f, r.seconds) for r, f in zip(res.rounds, fillers)]
     batch = parts[0] if len(parts) == 1 else DataProto.concat(_align_columns(parts))
     sums = res.sums.astype(np.int64)  # ±1 rewards: the sums are whole numbers
-    return OslaRollouts(batch, np.concatenate(rows_of), res.counts, sums, priors, tuple(rounds), timing)
+    return OslaRollouts(batch, np.concatenate(rows_of), res.counts, sums, res.priors, tuple(rounds), timing)
 
 
 def _align_columns(parts: list[DataProto]) -> list[DataProto]:

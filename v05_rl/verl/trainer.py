@@ -3,16 +3,22 @@
 Pattern: the DAPO recipe's `RayDAPOTrainer.fit()` override (verl-recipe `dapo/dapo_ray_trainer.py`):
 keep verl's workers, checkpointing, validation and update, and replace what happens between reading a
 batch and computing advantages. Per batch of B prompts (paper §4.1.3):
-    1. the frozen V0 prior V for all B prompts, one `PriorSource.priors` call (support buffer context);
+    1. the frozen V0 prior V for all B prompts, one `PriorSource.priors` call (support buffer context),
+       run in a thread while round 0 generates (the cold start gives every prompt k_init rollouts
+       whatever the prior says; the planner needs V only from round 1 on);
     2. k_init rollouts per prompt, then OSLA rounds (`v05_rl.verl.osla.generate_osla`, which calls
-       `v05_rl.allocation.plan_round`) until the planner halts; the rollout replicas sleep only after
+       `v05_rl.osla_loop.run_osla`) until the planner halts; the rollout replicas sleep only after
        the last round;
     3. `batch["reward_baselines"]` = V of each row's prompt; pad the batch for an even update split;
        old log-probs (and reference log-probs if a KL loss is on), advantages through verl's own
-       `compute_advantage` with `adv_estimator=v05` (`v05_rl.verl.estimator`), actor update;
-    4. the prompts' measured success rates go into the prior's support buffer (`observe`).
+       `compute_advantage` with `adv_estimator=v05` (`v05_rl.verl.estimator`), then the actor update
+       with each row's advantage scaled so that verl's token-mean is Eq. 10's per-prompt 1/k mean
+       (`v05_rl.verl.loss_weights`; `v05.loss_agg=token-mean` turns this off);
+    4. the prompts' measured success rates go into the prior's support buffer (`observe`), before the
+       step's checkpoint is written, so `global_step_N/v05_prior.json` includes step N.
 Logged under `v05/`: mean/min/max k, extra rollouts, rejection rate (Δ̂² > 0), mean ŵ, rounds,
-per-round prompts/rollouts and `timing_s/v05_round_<r>`.
+per-round prompts/rollouts, loss-weight range, `timing_s/v05_round_<r>`, `timing_s/v05_prior` (the
+prior's own time, in its thread) and `timing_s/v05_prior_wait` (how long round 1 waited for it).
 
 Departures from verl's `RayPPOTrainer.fit` and why:
 - The update keeps the configured number of mini-batches (train_batch_size / ppo_mini_batch_size) and
@@ -25,6 +31,8 @@ Departures from verl's `RayPPOTrainer.fit` and why:
   saves before an elastic instance expires, critic warm-up, REMAX baselines, multi-modal inputs.
 - The prior state (support buffer, and the prompts it refers to) is saved next to verl's checkpoint as
   `v05_prior.json` and restored on resume.
+- The prior runs in the task-runner process (the Ray actor that drives training; `v05_rl.verl.entry`
+  declares its resources: `v05.prior_threads` CPUs, and a GPU when `v05.prior_device` is cuda).
 verl pinned: 0.9.1 (its legacy `RayPPOTrainer`, selected by `trainer.use_v1=false`).
 """
 
@@ -32,7 +40,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pprint import pprint
 from typing import Any, Mapping
@@ -45,7 +55,8 @@ from tqdm import tqdm
 from v0_data.tasks.base import Prompt
 from v05_rl.allocation import OslaConfig
 from v05_rl.priors import PriorOptions, PriorRuntime, PriorSource, check_priors, make_prior_source
-from v05_rl.verl.estimator import ESTIMATOR_NAME, EstimatorOptions
+from v05_rl.verl.estimator import ESTIMATOR_NAME, EstimatorOptions, uid_groups
+from v05_rl.verl.loss_weights import LOSS_AGGS, prompt_mean_weights, verl_minibatch_of_rows
 from v05_rl.verl.osla import (
     PromptIndex,
     generate_osla,
@@ -77,7 +88,20 @@ class V05Settings:
         default="none", metadata={"help": "prior source: v0 (the frozen V0 model; paper.yaml) or none (no prior)"}
     )
     prior_options: PriorOptions = field(default_factory=PriorOptions, metadata={"help": "support buffer, checkpoint"})
-    prior_device: str = field(default="cpu", metadata={"help": "torch device of the V0 model in the driver"})
+    prior_device: str = field(
+        default="cpu", metadata={"help": "torch device of the V0 model in the task runner: cpu, cuda or cuda:N"}
+    )
+    prior_threads: int = field(
+        default=8, metadata={"help": "CPUs the task runner asks Ray for; torch threads of the prior there"}
+    )
+    prior_num_gpus: float | None = field(
+        default=None, metadata={"help": "GPUs the task runner asks Ray for; null = 1 when prior_device is cuda, else 0"}
+    )
+    loss_agg: str = field(
+        default="prompt-mean",
+        metadata={"help": "prompt-mean: Eq. 10's 1/k per prompt under verl's token-mean (loss_weights.py); "
+                          "token-mean: verl's own (a k = 16 prompt weighs ~4x a k = 4 one)"},
+    )
     max_rounds: int | None = field(default=None, metadata={"help": "optional bound on dispatches per batch"})
 
     def __post_init__(self) -> None:
@@ -93,6 +117,25 @@ class V05Settings:
             )
         if self.max_rounds is not None and self.max_rounds < 1:
             raise ValueError(f"v05.max_rounds: expected null or an int >= 1, got {self.max_rounds!r}")
+        device = str(self.prior_device)
+        if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ValueError(f"v05.prior_device: expected cpu, cuda or cuda:N, got {device!r}")
+        if not (isinstance(self.prior_threads, int) and self.prior_threads >= 1):
+            raise ValueError(f"v05.prior_threads: expected an int >= 1 (CPUs of the task runner), got {self.prior_threads!r}")
+        if self.prior_num_gpus is not None and not 0 <= float(self.prior_num_gpus):
+            raise ValueError(f"v05.prior_num_gpus: expected null or a number >= 0, got {self.prior_num_gpus!r}")
+        if device.startswith("cuda") and self.prior_num_gpus is not None and float(self.prior_num_gpus) <= 0:
+            raise ValueError("v05.prior_num_gpus=0 with v05.prior_device=cuda: Ray would give the task runner no GPU; "
+                             "set prior_num_gpus to null (1 GPU) or prior_device=cpu")
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"v05.loss_agg: expected one of {', '.join(LOSS_AGGS)}, got {self.loss_agg!r}")
+
+    def task_runner_resources(self) -> dict[str, float]:
+        """Ray resources of the task runner that hosts the prior: CPUs = prior_threads, GPUs as configured."""
+        gpus = self.prior_num_gpus
+        if gpus is None:
+            gpus = 1 if str(self.prior_device).startswith("cuda") else 0
+        return {"num_cpus": int(self.prior_threads), "num_gpus": float(gpus)}
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any] | None) -> "V05Settings":
@@ -100,9 +143,10 @@ class V05Settings:
         raw = dict(OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else (section or {}))
         osla_keys = {f.name for f in fields(OslaConfig)}
         est_keys = {f.name for f in fields(EstimatorOptions)}
-        prior_map = {"v0_checkpoint": "v0_checkpoint", "support_capacity": "support_capacity",
+        prior_map = {"v0_checkpoint": "v0_checkpoint", "v0_features_dir": "v0_features_dir",
+                     "support_capacity": "support_capacity",
                      "support_size": "support_size", "prior_seed": "seed"}
-        own = {"prior", "prior_device", "max_rounds"}
+        own = {"prior", "prior_device", "prior_threads", "prior_num_gpus", "loss_agg", "max_rounds"}
         valid = osla_keys | est_keys | set(prior_map) | own
         unknown = sorted(set(raw) - valid)
         if unknown:
@@ -112,8 +156,8 @@ class V05Settings:
             estimator=EstimatorOptions(**{k: raw[k] for k in est_keys if raw.get(k) is not None}),
             prior=raw.get("prior", "none"),
             prior_options=PriorOptions(**{dst: raw[src] for src, dst in prior_map.items() if raw.get(src) is not None}),
-            prior_device=raw.get("prior_device", "cpu"),
             max_rounds=raw.get("max_rounds"),
+            **{k: raw[k] for k in ("prior_device", "prior_threads", "prior_num_gpus", "loss_agg") if raw.get(k) is not None},
         )
 
 
@@ -136,9 +180,44 @@ def check_v05_config(config: Any) -> V05Settings:
         problems.append("trainer.use_v1=true: RayV05Trainer extends verl's RayPPOTrainer; set trainer.use_v1=false")
     if config.critic.get("enable", False):
         problems.append("critic.enable=true: V0.5 uses no critic")
+    loss_mode = actor.get("policy_loss", {}).get("loss_mode", "vanilla")
+    if settings.loss_agg == "prompt-mean" and loss_mode != "vanilla":
+        problems.append(
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: v05.loss_agg=prompt-mean scales advantages, "
+            "exact only for the vanilla PPO-clip loss; use loss_mode=vanilla or v05.loss_agg=token-mean"
+        )
     if problems:
         raise ValueError("V0.5 verl config: " + "; ".join(problems))
     return settings
+
+
+def check_v05_files(settings: V05Settings) -> None:
+    """Fail at launch, not at the first prior query on the task-runner node: with `v05.prior=v0` the V0
+    checkpoint must load (`load_checkpoint` builds its head, so a TabPFN head resolves its checkpoint file
+    here), its backbone must resolve to the one it was trained on, and a TabPFN head needs `tabpfn`.
+
+    The task runner may run on another node: these files must exist at the same paths there (and
+    $V05_TABPFN_PATH, if used, must be set in the Ray runtime environment)."""
+    if settings.prior != "v0":
+        return
+    import importlib.util
+
+    from v0_model.backbone import resolve_backbone
+    from v0_model.checkpoint import load_checkpoint
+
+    path = settings.prior_options.v0_checkpoint
+    loaded = load_checkpoint(path)  # FileNotFoundError / ValueError naming the file and the fix
+    spec = resolve_backbone(loaded.config.backbone)
+    if spec.backbone_id != loaded.meta["backbone_id"]:
+        raise ValueError(
+            f"v05.v0_checkpoint={path}: trained on backbone {loaded.meta['backbone_id']!r}, which now resolves to "
+            f"{spec.backbone_id!r}; make the original backbone available at the same path on every node"
+        )
+    if loaded.config.head.name == "tabpfn" and importlib.util.find_spec("tabpfn") is None:
+        raise RuntimeError(
+            f"v05.v0_checkpoint={path} has a TabPFN head but the `tabpfn` package is not installed; "
+            "pip install 'v05[verl]' (it includes tabpfn==9.2.0) on every node"
+        )
 
 
 class RayV05Trainer(RayPPOTrainer):
@@ -152,7 +231,6 @@ class RayV05Trainer(RayPPOTrainer):
         """V0.5 state; split from __init__ so tests can build a trainer without Ray workers."""
         self.v05 = check_v05_config(self.config)
         self.prompt_index = PromptIndex()
-        self._owns_prior = prior_source is None
         self.prior_source = prior_source if prior_source is not None else self._make_prior()
 
     def _make_prior(self) -> PriorSource:
@@ -187,13 +265,13 @@ class RayV05Trainer(RayPPOTrainer):
         gen_batch = self._get_gen_batch(batch)
         gen_batch.meta_info["global_steps"] = self.global_steps
 
-        with marked_timer("v05_prior", timing_raw, color="green"):
-            priors = check_priors(self.prior_source.priors(prompts), len(prompts), self.v05.prior)  # [B]
-        with marked_timer("gen", timing_raw, color="red"):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="v05-prior") as pool, \
+                marked_timer("gen", timing_raw, color="red"):
+            pending = pool.submit(self._query_prior, prompts)  # runs while round 0 generates
             result = generate_osla(
                 batch,
                 gen_batch,
-                priors,
+                lambda: self._wait_prior(pending, timing_raw),
                 self.async_rollout_manager,
                 self.v05.osla,
                 dispatch_multiple=self._dispatch_multiple(),
@@ -202,6 +280,7 @@ class RayV05Trainer(RayPPOTrainer):
                 max_rounds=self.v05.max_rounds,
             )
             self.checkpoint_manager.sleep_replicas()
+        priors = result.priors  # [B]
         timing_raw.update(result.timing)
         metrics.update(osla_metrics(result, self.v05.osla))
 
@@ -216,6 +295,21 @@ class RayV05Trainer(RayPPOTrainer):
         out.meta_info["v05_ppo_mini_batch_size"] = mini
         metrics["v05/update_padding"] = float(n_total - int(result.counts.sum()))
         return out, result, prompts
+
+    def _query_prior(self, prompts: list) -> tuple[np.ndarray, float]:
+        """(priors (B,), seconds): one `PriorSource.priors` call, checked; runs in the prior thread."""
+        t0 = time.perf_counter()
+        priors = check_priors(self.prior_source.priors(prompts), len(prompts), self.v05.prior)  # [B]
+        return priors, time.perf_counter() - t0
+
+    @staticmethod
+    def _wait_prior(pending: Any, timing_raw: dict) -> np.ndarray:
+        """The prior, once round 0 is generated; logs its own time and how long the planner waited."""
+        t0 = time.perf_counter()
+        priors, seconds = pending.result()
+        timing_raw["v05_prior"] = seconds
+        timing_raw["v05_prior_wait"] = time.perf_counter() - t0
+        return priors
 
     def _n_mini_batches(self) -> int:
         actor = self.config.actor_rollout_ref.actor
@@ -239,7 +333,7 @@ class RayV05Trainer(RayPPOTrainer):
     def _observe(self, result: Any, prompts: list) -> None:
         """Feed the support buffer with this batch's measured success rates (paper §4.1.3, Step 1)."""
         rates = (result.sums / result.counts + 1.0) / 2.0  # [B] success rate in [0, 1]
-        self.prior_source.observe(np.array([p.prompt_id for p in prompts], dtype=np.int64), rates)
+        self.prior_source.observe(np.array([p.prompt_id for p in prompts], dtype=np.int64), rates, counts=result.counts)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints: the prior's support buffer travels with verl's checkpoint
@@ -279,7 +373,8 @@ class RayV05Trainer(RayPPOTrainer):
         return out
 
     def _load_prior_state(self) -> None:
-        """Restore the support buffer; the prompts it refers to are known again before the first query."""
+        """Restore the support buffer; the prompts it refers to are known again (in the live prompt index)
+        before the first query."""
         path = self._prior_path()
         if not os.path.exists(path):
             print(f"[v05] no {PRIOR_FILE} next to the checkpoint of step {self.global_steps}; the prior starts cold")
@@ -287,8 +382,6 @@ class RayV05Trainer(RayPPOTrainer):
         with open(path) as f:
             payload = json.load(f)
         self.prompt_index.add([Prompt(**p) for p in payload.get("prompts", [])])
-        if self._owns_prior:  # rebuild so that the source sees the restored prompts
-            self.prior_source = self._make_prior()
         self.prior_source.load_state_dict(payload["state"])
 
     # ----------------------------------------------------------------------------------------------
@@ -348,9 +441,37 @@ class RayV05Trainer(RayPPOTrainer):
             )
 
         with marked_timer("update_actor", timing_raw, color="red"):
+            advantages = batch.batch["advantages"]  # [N, L] the estimator's, kept for verl's metrics
+            if self.v05.loss_agg == "prompt-mean":
+                weights = self._eq10_weights(batch)  # [N]
+                batch.batch["advantages"] = advantages * weights.to(advantages.dtype).unsqueeze(-1)  # [N, L]
+                real = weights > 0
+                metrics["v05/loss_weight_min"] = float(weights[real].min()) if bool(real.any()) else 0.0
+                metrics["v05/loss_weight_max"] = float(weights[real].max()) if bool(real.any()) else 0.0
             actor_output = self._update_actor(batch)
+            batch.batch["advantages"] = advantages
         metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
         return batch
+
+    def _eq10_weights(self, batch: DataProto) -> torch.Tensor:
+        """Per-row advantage scale making verl's token-mean Eq. 10's prompt-mean (`loss_weights`). Shape (N,).
+
+        Needs the final row order (after `_balance_batch`) and the update layout of `_update_actor`: rows
+        per mini-batch = ppo_mini_batch_size (this batch's, in prompt units) × rollout.n."""
+        n = len(batch)
+        mask = batch.batch["response_mask"]  # [N, L]
+        lengths = mask.sum(dim=-1)  # [N]
+        gid = np.zeros(n, dtype=np.int64)
+        real = (lengths > 0).cpu().numpy()
+        gid[real] = uid_groups(batch.non_tensor_batch["uid"], real)[0]
+        actor = self.config.actor_rollout_ref.actor
+        mini = batch.meta_info.get("v05_ppo_mini_batch_size", actor.ppo_mini_batch_size)
+        mini_rows = int(mini) * int(self.config.actor_rollout_ref.rollout.n)
+        if actor.get("shuffle", False) or mini_rows >= n:
+            minibatch = np.zeros(n, dtype=np.int64)  # one normaliser for the batch (see loss_weights)
+        else:
+            minibatch = verl_minibatch_of_rows(n, self._get_dp_size(self.actor_rollout_wg, "actor"), mini_rows)
+        return prompt_mean_weights(gid, lengths.cpu(), minibatch).to(mask.device)
 
     def _batch_metrics(self, batch: DataProto, timing_raw: dict) -> dict[str, Any]:
         """verl's data, timing and throughput metrics, computed on the real rows only (no update padding)."""
@@ -402,13 +523,13 @@ class RayV05Trainer(RayPPOTrainer):
                 with marked_timer("step", timing_raw):
                     batch, result, prompts = self._v05_rollouts(batch_dict, metrics, timing_raw)
                     batch = self._train_on(batch, metrics, timing_raw)
+                    self._observe(result, prompts)  # before saving: global_step_N/v05_prior.json includes step N
                     save_freq = self.config.trainer.save_freq
                     if save_freq > 0 and (is_last_step or self.global_steps % save_freq == 0):
                         with marked_timer("save_checkpoint", timing_raw, color="green"):
                             self._save_checkpoint()
                     with marked_timer("update_weights", timing_raw, color="red"):
                         self.checkpoint_manager.update_weights(self.global_steps)
-                self._observe(result, prompts)
 
                 test_freq = self.config.trainer.test_freq
                 if test_freq > 0 and (is_last_step or self.global_steps % test_freq == 0):
@@ -432,4 +553,4 @@ class RayV05Trainer(RayPPOTrainer):
         self._shutdown_dump_executor()
 
 
-__all__ = ["PRIOR_FILE", "RayV05Trainer", "V05Settings", "check_v05_config"]
+__all__ = ["PRIOR_FILE", "RayV05Trainer", "V05Settings", "check_v05_config", "check_v05_files"]

@@ -30,7 +30,7 @@ def test_the_three_configs_are_shipped():
 
 def test_composes_and_validates(composed):
     name, cfg = composed
-    validate(cfg)  # verl's validate_config (+ V0.5's checks for paper.yaml)
+    validate(cfg, check_files=False)  # verl's validate_config (+ V0.5's checks for paper.yaml; no V0 file here)
     # keys that only verl's defaults provide are present, so the file was layered on ppo_trainer
     assert cfg.actor_rollout_ref.rollout.mode == "async"
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen3-4B-Instruct-2507"
@@ -78,10 +78,53 @@ def test_baselines():
 
 
 def test_overrides_and_dry_run(capsys):
-    cfg = launch(CONFIGS / "paper.yaml", [*NEEDS["paper.yaml"], "v05.c=0.01", "data.train_batch_size=64"], dry_run=True)
+    cfg = launch(CONFIGS / "paper.yaml", ["v05.prior=none", "v05.c=0.01", "data.train_batch_size=64"], dry_run=True)
     assert cfg.v05.c == 0.01 and cfg.data.train_batch_size == 64
     assert V05Settings.from_section(cfg.v05).osla.cap == 10  # floor(1/sqrt(0.01))
     assert "adv_estimator: v05" in capsys.readouterr().out
+
+
+def test_launch_refuses_a_missing_v0_checkpoint_before_ray():
+    # the V0 file is checked in the launcher (dry run included), not at the first prior query on the task runner
+    with pytest.raises(FileNotFoundError, match="/nonexistent/v0.pt"):
+        launch(CONFIGS / "paper.yaml", NEEDS["paper.yaml"], dry_run=True)
+
+
+def test_six_validation_benchmarks_and_one_reward_rule(composed):
+    name, cfg = composed
+    # the paper's six benchmarks (§4.1.4), one parquet each, each under its own data_source
+    assert [Path(f).stem for f in cfg.data.val_files] == [
+        "aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench"
+    ]
+    from v05_rl.verl.reward import MATH_SOURCES
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    assert {Path(f).stem for f in cfg.data.val_files} < set(MATH_SOURCES)
+    score = get_custom_reward_fn(cfg)  # what verl's reward manager calls, loaded from pkg://v05_rl.verl.reward
+    for source in ("amc23", "minerva_math", "math_dapo"):
+        right = score(data_source=source, solution_str="so the answer is Answer: 42", ground_truth="42", extra_info={})
+        wrong = score(data_source=source, solution_str="Answer: 41", ground_truth="42", extra_info={})
+        assert (right["score"], wrong["score"]) == (1.0, -1.0)
+
+
+def test_verl_accepts_a_list_of_validation_files(tmp_path):
+    """verl's own dataset class reads every file of `data.val_files` (one RLHFDataset over all of them)."""
+    from transformers import AutoTokenizer  # noqa: F401
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from v0_data.tasks.base import Prompt
+    from v0_data.tasks.parquet import write_verl_parquet
+    from v05_rl.policies import build_char_tokenizer
+
+    files = [str(write_verl_parquet([Prompt.new(src, "test", f"{i}+{i}", str(2 * i)) for i in range(n)],
+                                    tmp_path / f"{src}.parquet"))
+             for src, n in (("aime24", 3), ("amc23", 2))]
+    cfg = build_config(CONFIGS / "paper.yaml", ["v05.prior=none", "data.max_prompt_length=64",
+                                                "data.filter_overlong_prompts=false", f"data.val_files={files}"])
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ds = RLHFDataset(cfg.data.val_files, tok, cfg.data)
+    assert len(ds) == 5 and sorted({ds[i]["data_source"] for i in range(5)}) == ["aime24", "amc23"]
 
 
 def test_bad_config_path():

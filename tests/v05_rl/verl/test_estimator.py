@@ -73,9 +73,12 @@ def test_registered_in_verl_registry():
     core_algos.register_adv_est("v05")(est.compute_v05_outcome_advantage)
 
 
+PAPER = {"v05": {"sigma_rule": "paper"}}  # Eq. 10 as printed (the default is the noise-bound σ*)
+
+
 def test_uneven_groups_match_hand_computation_through_compute_advantage():
     data = make_batch(REWARDS, UIDS, [PRIOR[u] for u in UIDS])
-    out = _run(data)
+    out = _run(data, config=PAPER)
     adv = out.batch["advantages"]  # [N, L]
     mask = out.batch["response_mask"]
     for i, (u, r) in enumerate(zip(UIDS, REWARDS)):
@@ -97,7 +100,7 @@ def test_matches_pure_function():
     gid = np.array([int(u[1:]) for u in uids])
     data = make_batch(rewards.tolist(), uids.tolist(), prior_g[gid].tolist())
     for method in ("paper", "bernoulli", "empirical-bayes"):
-        got = _run(data, config={"v05": {"method": method}}).batch["advantages"][:, 0]
+        got = _run(data, config={"v05": {"method": method, "sigma_rule": "paper"}}).batch["advantages"][:, 0]
         # the pure function on groups renumbered in order of first appearance (what the adapter does)
         first_seen = {u: i for i, u in enumerate(dict.fromkeys(uids))}
         dense = np.array([first_seen[u] for u in uids])
@@ -106,6 +109,16 @@ def test_matches_pure_function():
             prior_dense[i] = prior_g[int(u[1:])]
         want = v05_advantages(torch.tensor(rewards, dtype=torch.float32), torch.tensor(dense), prior=torch.tensor(prior_dense, dtype=torch.float32), method=method)
         torch.testing.assert_close(got, want.to(torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_default_sigma_has_the_noise_floor_of_k():
+    # noise-bound σ* = max(sqrt(1 - μ*²), 1/sqrt(k)): only "b" changes (k = 2: σ* 0.691661 < 1/sqrt(2) = 0.707107),
+    # A(+1) = 0.277778 / 0.707107 = 0.392837; "a" (0.6 > 1/2) and "c" (0.745356 > 1/sqrt(6)) keep HAND's values
+    data = make_batch(REWARDS, UIDS, [PRIOR[u] for u in UIDS])
+    adv = _run(data).batch["advantages"][:, 0]
+    for i, (u, r) in enumerate(zip(UIDS, REWARDS)):
+        want = 0.392837 if u == "b" else HAND[(u, r)]
+        assert adv[i].item() == pytest.approx(want, abs=1e-5), (i, u, r)
 
 
 def test_padding_rows_get_zero_and_do_not_join_groups():

@@ -50,6 +50,7 @@ def test_launch_reaches_gpu_allocation_on_cpu(tmp_path):
     overrides = [
         "v05.prior=none",
         "v05.pad_multiple=8",
+        "v05.prior_threads=1",  # the task runner asks Ray for this many CPUs; the test's Ray has 2
         f"actor_rollout_ref.model.path={model_dir}",
         f"data.train_files={train}",
         f"data.val_files={val}",

@@ -38,7 +38,7 @@ class FakePrior:
     def priors(self, prompts):
         return np.array([self.by_text[p.text] for p in prompts], dtype=np.float64)
 
-    def observe(self, prompt_ids, success_rates):
+    def observe(self, prompt_ids, success_rates, counts=None):
         self.observed.append((np.asarray(prompt_ids).tolist(), np.asarray(success_rates).tolist()))
 
     def state_dict(self):
