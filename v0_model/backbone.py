@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from v0_data.registry import Registry
+from v0_model.features import FolderIdentity, ShardFolder, token_state_tensors
 
 BACKBONES: Registry = Registry("backbone")
 
@@ -157,6 +158,18 @@ class FrozenBackbone:
         self._model = None
         self._tokenizer = None
 
+    @classmethod
+    def from_model(cls, spec: BackboneSpec, model, tokenizer, device: str = "cpu") -> "FrozenBackbone":
+        """A backbone around an already built transformers model + tokenizer (benchmarks of randomly
+        initialised architectures; nothing is loaded from `spec.path`)."""
+        self = cls(spec, device)
+        tokenizer.padding_side = spec.padding_side
+        self._tokenizer = tokenizer
+        self._model = model.to(device).eval()
+        for p in self._model.parameters():
+            p.requires_grad_(False)
+        return self
+
     def _load(self) -> None:
         if self._model is not None:
             return
@@ -250,23 +263,20 @@ class EmbeddingCache:
             self._loaded_shards.add(shard.name)
 
     def _write_shard(self, ids: list[int], states: list[TokenStates]) -> None:
-        from safetensors.torch import save_file
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha1(np.asarray(sorted(ids), dtype=np.int64).tobytes()).hexdigest()[:16]
-        path = self.dir / f"part-{digest}.safetensors"
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(
-            {
-                "ids": torch.tensor(ids, dtype=torch.int64),
-                "lengths": torch.tensor([s.hidden.shape[0] for s in states], dtype=torch.int64),
-                "tokens": torch.cat([s.hidden for s in states]).contiguous(),
-                "pooled": torch.stack([s.pooled for s in states]).contiguous(),
-            },
-            str(tmp),
-        )
-        os.replace(tmp, path)
+        identity = FolderIdentity("token-states", int(states[0].hidden.shape[1]), self.backbone.spec.backbone_id)
+        tensors = token_state_tensors(ids, [s.hidden for s in states], [s.pooled for s in states])
+        path = ShardFolder(self.dir, identity).write_shard(tensors)
         self._loaded_shards.add(path.name)
+
+    def put(self, ids: Sequence[int], states: Sequence[TokenStates]) -> None:
+        """Hold already computed token states in memory only (e.g. one shard of `v05 data embed`)."""
+        for pid, s in zip(ids, states):
+            self._mem[int(pid)] = s
+
+    def discard(self, ids: Iterable[int]) -> None:
+        """Forget the in-memory token states of `ids` (their disk shards stay)."""
+        for pid in ids:
+            self._mem.pop(int(pid), None)
 
     def ensure(self, texts: Mapping[int, str], progress: bool = True, persist: bool = True) -> None:
         """Make sure every prompt id in `texts` has token states (loading the disk cache, embedding the rest)."""

@@ -21,6 +21,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from v0_model.backbone import EmbeddingCache, FrozenBackbone, resolve_backbone
+from v0_model.features import V0_FEATURES_DIR, FolderIdentity, ShardFolder, resolve_device, v0_features_folder
 from v0_model.model import V0Config, V0Model, V0Predictor
 
 FORMAT = "v05-v0"
@@ -125,13 +126,22 @@ def checkpoint_digest(path: str | os.PathLike) -> str:
 
 
 def load_predictor(
-    path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, feature_cache: bool = True
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    feature_cache: bool = True,
+    features_dir: str | os.PathLike | None = None,
 ) -> V0Predictor:
     """Checkpoint -> `V0Predictor` with the checkpoint's backbone and an embedding cache.
 
     The backbone is resolved from the saved config; its resolved id must equal the one recorded at
-    training time (a different model directory or name is refused). With `feature_cache`, adapter
-    features are also cached on disk under `<cache_dir>/v0-features/<checkpoint digest>/`.
+    training time (a different model directory or name is refused). `device` ('cpu', 'cuda', 'cuda:N',
+    'auto') is where the backbone, adapter and head run. With `feature_cache`, feature rows are also kept
+    on disk under `<root>/v0-features/<checkpoint digest>/`, where root is `features_dir` when given,
+    else the cache folder. `features_dir` is a folder written by `v05 data embed` (with or without
+    `--checkpoint`): rows stored there are read, never recomputed, and token states stored there are used
+    when `cache_dir` is not given; a folder holding neither for this checkpoint is refused.
     """
     loaded = load_checkpoint(path)
     spec = resolve_backbone(loaded.config.backbone)
@@ -140,6 +150,29 @@ def load_predictor(
             f"{path}: trained on backbone {loaded.meta['backbone_id']!r} but its config now resolves to "
             f"{spec.backbone_id!r}; make the original backbone available at the same path"
         )
-    cache = EmbeddingCache(FrozenBackbone(spec), cache_dir)
-    feature_dir = cache.dir.parent / "v0-features" / checkpoint_digest(path)[:16] if feature_cache else None
-    return V0Predictor(loaded.model, cache, feature_dir)
+    dev = resolve_device(str(device))
+    if features_dir is not None and cache_dir is None:
+        cache_dir = features_dir
+    cache = EmbeddingCache(FrozenBackbone(spec, device=str(dev)), cache_dir)
+    digest = checkpoint_digest(path)
+    identity = FolderIdentity("v0-features", loaded.model.out_features, spec.backbone_id, digest)
+    folder = ShardFolder(v0_features_folder(features_dir if features_dir is not None else cache.dir.parent, digest),
+                         identity)
+    if features_dir is not None:
+        _check_features_dir(Path(features_dir), folder, cache, path)
+    return V0Predictor(loaded.model, cache, folder if feature_cache or features_dir is not None else None, dev)
+
+
+def _check_features_dir(root: Path, folder: ShardFolder, cache: EmbeddingCache, checkpoint: str | os.PathLike) -> None:
+    """Refuse a `features_dir` that holds nothing usable for this checkpoint, naming what it does hold."""
+    folder.read_manifest()  # a folder of another identity fails here with the field named
+    if folder.shards() or any(cache.dir.glob("part-*.safetensors")):
+        return
+    others = sorted(p.name for p in (root / V0_FEATURES_DIR).glob("*")) if (root / V0_FEATURES_DIR).is_dir() else []
+    states = sorted(p.name for p in root.glob("*") if p.is_dir() and p.name != V0_FEATURES_DIR)
+    raise ValueError(
+        f"features_dir {root} holds no features of checkpoint {checkpoint} (expected {folder.path}) and no token "
+        f"states of its backbone (expected {cache.dir}); it has feature folders {others or 'none'} (other "
+        f"checkpoints) and token-state folders {states or 'none'}. Fix: run `v05 data embed --checkpoint "
+        f"{checkpoint} --out {root} ...`, or drop the option to compute features on the fly"
+    )

@@ -18,8 +18,6 @@ context cannot show; on the V0 release it lifted V0's cross-validated gAUC from 
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -31,6 +29,7 @@ from torch import nn
 from v0_model.adapter import AdapterConfig, ResidualQueryAdapter
 from v0_model.backbone import BackboneConfig, EmbeddingCache
 from v0_model.bank import BankConfig, DifficultyBank
+from v0_model.features import ShardFolder, load_v0_features
 from v0_model.heads import HeadConfig, make_head
 
 
@@ -99,21 +98,28 @@ class V0Model(nn.Module):
         work roughly by the ratio max/mean length; the output keeps the input order.
         """
         if len(ids) == 0:
-            return torch.zeros(0, self.adapter.out_features + (self.bank is not None))
+            return torch.zeros(0, self.out_features)
+        device = self.adapter.static_queries.device  # token states live on the CPU; the model may not
         lengths = np.array([cache[i].hidden.shape[0] for i in ids])
         order = np.argsort(lengths, kind="stable")
         outs = []
         for s in range(0, len(ids), chunk):
             chunk_ids = [ids[i] for i in order[s : s + chunk]]
             packed = cache.pack(chunk_ids)
-            feats = self.adapter(packed.tokens, packed.lengths, packed.pooled)  # [b, F]
+            tokens, pooled = packed.tokens.to(device), packed.pooled.to(device)  # [T, d], [b, d]
+            feats = self.adapter(tokens, packed.lengths.to(device), pooled)  # [b, F]
             if self.bank is not None:
-                d = self.bank(chunk_ids, packed.pooled)  # [b]
+                d = self.bank(chunk_ids, pooled)  # [b]
                 feats = torch.cat([feats, d.unsqueeze(1)], dim=1)  # [b, F + 1]
             outs.append(feats)
         feats = torch.cat(outs)  # [B, F] sorted by length
-        inverse = torch.as_tensor(np.argsort(order, kind="stable"))
+        inverse = torch.as_tensor(np.argsort(order, kind="stable"), device=feats.device)
         return feats[inverse]  # [B, F]
+
+    @property
+    def out_features(self) -> int:
+        """Width F of a prompt's feature row: adapter output (+ 1 bank column)."""
+        return self.adapter.out_features + (self.bank is not None)
 
     def logits(self, ctx_x: torch.Tensor, ctx_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
         """ctx_x [N, F], ctx_y [N] in [0, 1], query_x [M, F] -> log-odds [M]."""
@@ -123,61 +129,65 @@ class V0Model(nn.Module):
 class V0Predictor:
     """Inference wrapper: a trained `V0Model` plus the embedding cache of its backbone.
 
-    Adapter features are memoised per prompt id (V0 is frozen at inference). With `feature_dir` they
-    are also kept on disk (safetensors shards, one directory per checkpoint digest), so a later process
-    with the same checkpoint only runs the head.
+    Feature rows are memoised per prompt id on the CPU (V0 is frozen at inference). With `feature_folder`
+    (a 'v0-features' `ShardFolder` of this checkpoint, features.py) rows are read from disk first — as
+    written by `v05 data embed --checkpoint` — and rows computed here are added to it, so a prompt's
+    features are computed at most once per checkpoint, ever; a prompt with a stored row needs neither its
+    text nor the backbone. `device` is where the adapter and the head run (the model is moved there).
     """
 
-    def __init__(self, model: V0Model, cache: EmbeddingCache, feature_dir: str | Path | None = None):
-        self.model = model.eval()
+    def __init__(self, model: V0Model, cache: EmbeddingCache, feature_folder: ShardFolder | None = None,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
         self.cache = cache
-        self.feature_dir = Path(feature_dir) if feature_dir is not None else None
+        self.feature_folder = feature_folder
         self._feat: dict[int, torch.Tensor] = {}
         self._disk_loaded = False
+        self.computed = 0  # feature rows computed by this process (0 when every row came from disk)
+
+    @property
+    def feature_dir(self) -> Path | None:
+        return None if self.feature_folder is None else self.feature_folder.path
+
+    def has_features(self, pid: int) -> bool:
+        """True when the feature row of `pid` is in memory or in the feature folder (no text needed)."""
+        self._load_features()
+        return int(pid) in self._feat
+
+    def known(self, pid: int) -> bool:
+        """True when V0 can score `pid` without its text: stored features or cached token states."""
+        return self.has_features(pid) or int(pid) in self.cache
 
     def ensure_texts(self, texts: Mapping[int, str], progress: bool = True) -> None:
         """Embed (or load from the disk cache) every prompt in `texts` that has no features yet."""
-        if self.feature_dir is not None:
-            self._load_features()
+        self._load_features()
         todo = {pid: t for pid, t in texts.items() if int(pid) not in self._feat}
         if todo:
             self.cache.ensure(todo, progress=progress)
 
     def _load_features(self) -> None:
-        if self._disk_loaded or self.feature_dir is None or not self.feature_dir.is_dir():
-            self._disk_loaded = True
+        if self._disk_loaded:
             return
-        from safetensors.torch import load_file
-
-        for shard in sorted(self.feature_dir.glob("feat-*.safetensors")):
-            t = load_file(str(shard))
-            for pid, f in zip(t["ids"].tolist(), t["features"]):
-                self._feat[int(pid)] = f
+        if self.feature_folder is not None:
+            self._feat.update(load_v0_features(self.feature_folder))
         self._disk_loaded = True
-
-    def _save_features(self, ids: list[int], feats: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        self.feature_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha1(np.asarray(sorted(ids), dtype=np.int64).tobytes()).hexdigest()[:16]
-        path = self.feature_dir / f"feat-{digest}.safetensors"
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({"ids": torch.tensor(ids, dtype=torch.int64), "features": feats.contiguous()}, str(tmp))
-        os.replace(tmp, path)
 
     @torch.no_grad()
     def features(self, ids: Sequence[int]) -> torch.Tensor:
-        """Adapter features, memoised per prompt id (the model is frozen here). ids (B,) -> [B, F]."""
-        if self.feature_dir is not None and not self._disk_loaded:
-            self._load_features()
+        """Feature rows, memoised per prompt id (the model is frozen here). ids (B,) -> [B, F] float32 CPU."""
+        self._load_features()
         missing = list(dict.fromkeys(int(i) for i in ids if int(i) not in self._feat))
         if missing:
-            feats = self.model.features(self.cache, missing)  # [U, F]
+            feats = self.model.features(self.cache, missing).float().cpu()  # [U, F]
             for pid, f in zip(missing, feats):
                 self._feat[pid] = f
-            if self.feature_dir is not None:
-                self._save_features(missing, feats)
-        return torch.stack([self._feat[int(i)] for i in ids]) if len(ids) else torch.zeros(0, 1)
+            self.computed += len(missing)
+            if self.feature_folder is not None:
+                self.feature_folder.write_shard({"ids": torch.tensor(missing, dtype=torch.int64), "features": feats})
+        if not len(ids):
+            return torch.zeros(0, self.model.out_features)
+        return torch.stack([self._feat[int(i)] for i in ids])  # [B, F]
 
     @torch.no_grad()
     def predict(self, ctx_ids: Sequence[int], ctx_rates: Sequence[float], query_ids: Sequence[int]) -> np.ndarray:
@@ -186,7 +196,7 @@ class V0Predictor:
             return np.zeros(0)
         if len(ctx_ids) == 0:
             raise ValueError("V0 needs at least one context row for a prediction")
-        cx = self.features(ctx_ids)  # [N, F]
-        qx = self.features(query_ids)  # [M, F]
-        cy = torch.as_tensor(np.asarray(ctx_rates, dtype=np.float32))  # [N]
-        return torch.sigmoid(self.model.logits(cx, cy, qx)).double().numpy()  # [M]
+        cx = self.features(ctx_ids).to(self.device)  # [N, F]
+        qx = self.features(query_ids).to(self.device)  # [M, F]
+        cy = torch.as_tensor(np.asarray(ctx_rates, dtype=np.float32), device=self.device)  # [N]
+        return torch.sigmoid(self.model.logits(cx, cy, qx)).double().cpu().numpy()  # [M]

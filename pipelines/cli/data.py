@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from pipelines import data as recipes
+from pipelines.embed import embed_command
 from pipelines.cli.options import COUNT, RECIPE_ERRORS, RegistryChoice, fail
 from v0_data.tasks import source_names
 
@@ -59,6 +60,9 @@ def parse_pairs(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
 @click.group("data")
 def data() -> None:
     """Build and inspect a trajectory store (prompts, runs, rollouts, scores)."""
+
+
+data.add_command(embed_command)  # `v05 data embed`: V0 features precomputed once per dataset
 
 
 @data.command("export-verl")

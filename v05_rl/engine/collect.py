@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -86,9 +87,21 @@ def collect_fixed(prompts: list[Prompt], k: int, gen: RolloutSource, seed: int, 
                      t_prior=t_prior, t_generate=time.perf_counter() - t0)
 
 
-def collect_osla(prompts: list[Prompt], priors: np.ndarray, osla: OslaConfig, gen: RolloutSource, seed_of: Callable[[int], int],
-                 *, t_prior: float = 0.0) -> Collected:
-    """V0.5's cold start and OSLA rounds; round r is generated with seed `seed_of(r)`."""
+PriorFn = Callable[[], np.ndarray]
+"""() -> priors (B,) in [-1, 1] or NaN: the prior source's answer for the step's prompts, computed on demand."""
+
+
+def collect_osla(prompts: list[Prompt], priors: np.ndarray | PriorFn, osla: OslaConfig, gen: RolloutSource,
+                 seed_of: Callable[[int], int], *, t_prior: float = 0.0) -> Collected:
+    """V0.5's cold start and OSLA rounds; round r is generated with seed `seed_of(r)`.
+
+    priors: (B,) V per prompt, or a zero-argument function computing them. The cold start gives every
+    prompt k_init rollouts whatever the prior says, so a function is run on a worker thread while round 0
+    generates, and the planner waits for it only before round 1 (paper §4.1.3: the prior is needed by
+    Eq. 12 only). Then `t_prior` is the seconds the function itself ran (overlapped with generation,
+    not added to the step); with an array, `t_prior` is whatever the caller measured. Either way the
+    priors are identical, so a run's results do not depend on the overlap.
+    """
     chunks: list[Chunk] = []
 
     def dispatch(extra: np.ndarray, rnd: int) -> Dispatched:
@@ -100,10 +113,22 @@ def collect_osla(prompts: list[Prompt], priors: np.ndarray, osla: OslaConfig, ge
         return Dispatched(rows, rewards)
 
     bound = max(1, math.ceil((osla.cap - osla.k_init) / osla.step) + 1) + 1  # cold start + extra rounds
-    res = run_osla(priors, osla, dispatch, max_rounds=bound)
-    col = Collected(prompts, chunks, priors, generated=int(res.counts.sum()), osla_rounds=len(res.rounds) - 1,
+    if callable(priors):
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="v05-prior") as pool:
+            job = pool.submit(_timed, priors)
+            res = run_osla(lambda: job.result()[0], osla, dispatch, n_prompts=len(prompts), max_rounds=bound)
+            t_prior = job.result()[1]
+    else:
+        res = run_osla(priors, osla, dispatch, max_rounds=bound)
+    col = Collected(prompts, chunks, res.priors, generated=int(res.counts.sum()), osla_rounds=len(res.rounds) - 1,
                     t_prior=t_prior, t_alloc=res.t_plan, t_generate=sum(r.seconds for r in res.rounds))
     return _with_zero_var(col)
+
+
+def _timed(fn: PriorFn) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
 
 
 def _with_zero_var(col: Collected) -> Collected:
@@ -143,6 +168,7 @@ def collect_dapo(draw: Callable[[int], list[Prompt]], n_prompts: int, group_size
 
 
 __all__ = [
+    "PriorFn",
     "RecordFn",
     "RewardFn",
     "RolloutSource",

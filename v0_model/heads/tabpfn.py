@@ -152,6 +152,12 @@ class TabPFNHead(nn.Module):
             "cal_bias": float(self.cal_bias.detach()),
         }
 
+    def n_estimators_used(self) -> int | None:
+        """Ensemble members of the fitted classifier (tabpfn chooses them for 0 = auto); None before a call."""
+        for clf in self._classifiers.values():
+            return int(getattr(clf, "n_estimators_", clf.n_estimators))
+        return None
+
     def _classifier(self, device: torch.device):
         key = str(device)
         if key not in self._classifiers:
