@@ -44,6 +44,7 @@ class DemoConfig:
     rl_rollouts_per_step: int = field(default=256, metadata={"help": "prompt batch x rollouts per prompt"})
     eval_every: int = field(default=10, metadata={"help": "RL evaluation period (steps)"})
     eval_prompts: int = field(default=256, metadata={"help": "held-out prompts per evaluation"})
+    eval_k: int = field(default=4, metadata={"help": "samples per held-out prompt (mean@k)"})
     jobs: int = field(default=2, metadata={"help": "processes in parallel (warm starts, RL runs), one thread each"})
 
     def __post_init__(self) -> None:
@@ -199,7 +200,7 @@ def rl_stage(run: DemoRun, stage_dir: Path) -> None:
     source, data = load_experiment("main")
     overrides = {"policy": run.policy_refs()[cfg.rl_policy], "rollout_budget": cfg.rl_budget,
                  "rollouts_per_step": cfg.rl_rollouts_per_step, "evaluation.every": cfg.eval_every,
-                 "evaluation.prompts": cfg.eval_prompts, "steps": 10_000}
+                 "evaluation.prompts": cfg.eval_prompts, "evaluation.k": cfg.eval_k, "steps": 10_000}
     specs = plan_runs(data, stage_dir, seeds=[run.seed], only=list(RL_VARIANTS), overrides=overrides,
                       v0_checkpoint=str(run.v0_checkpoint), source=source)
     failed = [(s, rc) for s, rc, _ in run_experiment(specs, cfg.jobs) if rc != 0]

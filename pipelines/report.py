@@ -1,9 +1,22 @@
-"""Recipe of `v05 report RUN_DIR...`: markdown + PNG figures from the logged metrics of RL runs.
+"""Recipe of `v05 report RUN_DIR...`: markdown, `summary.json` and PNG figures from the logged metrics of RL runs.
 
-A run directory is one `v05 rl-train --out` folder (it holds `metrics.jsonl` and `config.yaml`/`config.json`).
-An experiment directory holds run directories as `<variant>/seed<k>/`. Runs of the same variant are
-pooled: curves show the mean over seeds with a band of ±1 standard deviation. Every figure and number
-comes from `metrics.jsonl` only (records with `kind` = `train` or `eval`), never from a hard-coded value.
+A run directory is one `v05 rl-train --out` folder (it holds `metrics.jsonl` and `config.json`/`config.yaml`).
+An experiment directory holds run directories as `<variant>/seed<k>/`. Every figure and number comes from
+`metrics.jsonl` only (records with `kind` = `train` or `eval`), never from a hard-coded value.
+
+The measurement protocol (DESIGN.md "Measuring RL outcomes"):
+- a run's final accuracy is the mean of its last two held-out evaluations (one if it has only one);
+- per variant: mean over seeds ± the half-width of a t-based 95 % CI (sample sd, ddof 1; no CI from one seed);
+- paired differences against each reference arm: runs are paired by seed (the same seed gave both arms
+  the same prompt order, initial policy and evaluation prompts), diff = mean of (variant - reference) over
+  the seeds both have, with its t-based 95 % CI;
+- two axes: at equal rollouts (the final accuracy, every arm spends the same budget) and at equal
+  optimizer steps (accuracy interpolated at the largest step every run evaluated at or beyond, S);
+- curves: mean over seeds with a 95 % CI band.
+`summary.json` = {"variants": [{"variant", "seeds", "final_acc", "final_acc_ci95", "rollouts", "steps"}],
+"paired": [{"variant", "reference", "diff", "ci95", "n_pairs"}], "equal_steps": {"step", "variants":
+[{"variant", "acc", "acc_ci95"}], "paired": [...]}, "rows", "reference", "references", "figures"} with
+accuracies as fractions, CI = half-width, NaN written as null.
 """
 
 from __future__ import annotations
@@ -17,22 +30,75 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 EVAL_KEYS = ("mean_at_k", "accuracy", "mean@k")
+FINAL_EVALS = 2  # a run's final accuracy averages its last this many evaluations
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics: t-based 95 % confidence intervals (no scipy: it is only a test dependency)
+# --------------------------------------------------------------------------------------------------
+
+
+def t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer `df` >= 1, in closed form (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 1:
+        term, acc = math.cos(theta), 0.0
+        for j in range(1, (df - 1) // 2 + 1):  # cosθ (1 + (2/3) cos²θ + (2·4)/(3·5) cos⁴θ + ...)
+            acc += term
+            term *= c2 * (2 * j) / (2 * j + 1)
+        return 2.0 / math.pi * (theta + s * acc)
+    term, acc = 1.0, 0.0
+    for j in range(1, df // 2 + 1):  # 1 + (1/2) cos²θ + (1·3)/(2·4) cos⁴θ + ...
+        acc += term
+        term *= c2 * (2 * j - 1) / (2 * j)
+    return s * acc
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (bisection on the exact CDF)."""
+    if df < 1:
+        raise ValueError(f"t quantile: df must be >= 1, got {df}")
+    lo, hi = 0.0, 20.0 if df > 1 else 100.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_two_sided_mass(mid, df) < 0.95 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the t-based 95 % CI with the ddof-1 sd) of the finite `values`; NaN where undefined.
+
+    Shape: values (n,). With n = 1 the half-width is NaN (one seed gives no interval), with n = 0 both are.
+    """
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)  # [n]
+    if len(v) == 0:
+        return math.nan, math.nan
+    if len(v) == 1:
+        return float(v[0]), math.nan
+    return float(v.mean()), t_quantile_975(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    """One training run read back from its `metrics.jsonl`."""
+    """One training run read back from its `metrics.jsonl` (and its seed from `config.json`)."""
 
     path: Path
     variant: str
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    seed: int | None = None
 
     def eval_curve(self, x: str = "rollouts_used") -> tuple[np.ndarray, np.ndarray]:
         """Held-out accuracy against `x` (rollouts_used or step). Shape: (E,), (E,)."""
         xs, ys = [], []
         for rec in self.evals:
-            key = next((k for k in EVAL_KEYS if k in rec), None)
+            key = next((k for k in EVAL_KEYS if rec.get(k) is not None), None)
             if key is None or rec.get(x) is None:
                 continue
             xs.append(float(rec[x]))
@@ -48,21 +114,39 @@ class Run:
         return np.asarray(s, dtype=float), np.asarray(v, dtype=float)
 
     @property
+    def final_acc(self) -> float:
+        """Mean of the last `FINAL_EVALS` held-out evaluations (NaN without any)."""
+        ys = self.eval_curve()[1]
+        return float(ys[-FINAL_EVALS:].mean()) if len(ys) else math.nan
+
+    def acc_at(self, x: str, at: float) -> float:
+        """Held-out accuracy at `x` = `at`, linearly interpolated between evaluations; NaN outside the curve."""
+        xs, ys = self.eval_curve(x)
+        if len(xs) == 0 or at > xs.max() or at < xs.min():
+            return math.nan
+        return float(np.interp(at, xs, ys))
+
+    @property
     def wall_seconds(self) -> float:
-        return float(sum(r.get("t_step", 0.0) for r in self.train)) + float(
-            sum(r.get("t_eval", 0.0) for r in self.evals)
+        return float(sum(r.get("t_step") or 0.0 for r in self.train)) + float(
+            sum(r.get("t_eval") or 0.0 for r in self.evals)
         )
 
     @property
     def rollouts(self) -> int:
         return int(max((r.get("rollouts_used", 0) for r in self.train), default=0))
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps made (the last training record's step)."""
+        return int(max((r.get("step", 0) for r in self.train), default=0))
+
 
 def read_run(path: Path, variant: str | None = None) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.exists():
         raise ValueError(f"{path}: no metrics.jsonl; pass a `v05 rl-train --out` folder or an experiment folder")
-    run = Run(path=path, variant=variant or _variant_name(path))
+    run = Run(path=path, variant=variant or _variant_name(path), seed=_run_seed(path))
     with open(metrics) as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
@@ -78,6 +162,19 @@ def read_run(path: Path, variant: str | None = None) -> Run:
             kind = rec.get("kind", "train")
             (run.evals if kind == "eval" else run.train).append(rec)
     return run
+
+
+def _run_seed(path: Path) -> int | None:
+    """The run's seed: `seed` of its config.json, else the k of a `seed<k>` folder name, else None."""
+    cfg = path / "config.json"
+    if cfg.exists():
+        try:
+            seed = json.loads(cfg.read_text()).get("seed")
+        except (json.JSONDecodeError, AttributeError):
+            seed = None
+        if isinstance(seed, int):
+            return seed
+    return int(path.name[4:]) if path.name.startswith("seed") and path.name[4:].isdigit() else None
 
 
 def _variant_name(path: Path) -> str:
@@ -108,10 +205,16 @@ def by_variant(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return dict(sorted(groups.items()))
 
 
-def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], n_grid: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Interpolate curves onto a shared grid over their common x range; mean and std across runs.
+# --------------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------------
 
-    Shape: each curve (E_i,), (E_i,) -> grid (n_grid,), mean (n_grid,), std (n_grid,).
+
+def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]],
+              n_grid: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Interpolate curves onto a shared grid over their common x range; mean and 95 % CI half-width across runs.
+
+    Shape: each curve (E_i,), (E_i,) -> grid (n_grid,), mean (n_grid,), ci95 (n_grid,) (0 for a single run).
     """
     curves = [(x, y) for x, y in curves if len(x) >= 1]
     if not curves:
@@ -123,7 +226,10 @@ def mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], n_grid: int = 50)
         return x, y, np.zeros_like(y)
     grid = np.linspace(lo, hi, n_grid)  # (n_grid,)
     ys = np.stack([np.interp(grid, x, y) for x, y in curves])  # [R, n_grid]
-    return grid, ys.mean(0), ys.std(0)
+    if len(curves) < 2:
+        return grid, ys.mean(0), np.zeros(n_grid)
+    half = t_quantile_975(len(curves) - 1) * ys.std(0, ddof=1) / math.sqrt(len(curves))  # [n_grid]
+    return grid, ys.mean(0), half
 
 
 def rollouts_to_reach(x: np.ndarray, y: np.ndarray, target: float) -> float:
@@ -137,32 +243,109 @@ def rollouts_to_reach(x: np.ndarray, y: np.ndarray, target: float) -> float:
     return math.nan
 
 
-def summary_table(groups: dict[str, list[Run]], reference: str | None) -> tuple[list[dict[str, Any]], str | None]:
+def common_step(groups: dict[str, list[Run]]) -> int | None:
+    """S: the largest step every run with evaluations has evaluated at or beyond (None without evaluations)."""
+    last = [r.eval_curve("step")[0].max() for runs in groups.values() for r in runs if len(r.eval_curve("step")[0])]
+    return int(min(last)) if last else None
+
+
+def paired_rows(groups: dict[str, list[Run]], references: Sequence[str],
+                value: Callable[[Run], float]) -> list[dict[str, Any]]:
+    """Paired difference of every variant against each reference, over the seeds both ran.
+
+    One row {"variant", "reference", "diff", "ci95", "n_pairs"} per (reference, other variant); runs without
+    a seed are not paired. `value` gives a run's figure (e.g. its final accuracy).
+    """
     rows = []
-    finals = {}
+    for ref in references:
+        ref_by_seed = {r.seed: value(r) for r in groups.get(ref, []) if r.seed is not None}
+        for variant, runs in groups.items():
+            if variant == ref:
+                continue
+            diffs = [value(r) - ref_by_seed[r.seed] for r in runs if r.seed in ref_by_seed]
+            diffs = [d for d in diffs if math.isfinite(d)]
+            diff, ci = mean_ci95(diffs)
+            rows.append({"variant": variant, "reference": ref, "diff": diff, "ci95": ci, "n_pairs": len(diffs)})
+    return rows
+
+
+def variant_rows(groups: dict[str, list[Run]], step: int | None) -> list[dict[str, Any]]:
+    """The per-variant table: the protocol's fields plus the accuracy at step S, initial accuracy and time."""
+    rows = []
     for name, runs in groups.items():
-        last = [r.eval_curve()[1][-1] for r in runs if len(r.eval_curve()[1])]
+        final, final_ci = mean_ci95([r.final_acc for r in runs])
+        at_s, at_s_ci = mean_ci95([r.acc_at("step", step) for r in runs]) if step is not None else (math.nan, math.nan)
         first = [r.eval_curve()[1][0] for r in runs if len(r.eval_curve()[1])]
-        finals[name] = float(np.mean(last)) if last else math.nan
         rows.append({
             "variant": name,
             "seeds": len(runs),
-            "initial_acc": float(np.mean(first)) if first else math.nan,
-            "final_acc": finals[name],
-            "final_acc_sd": float(np.std(last)) if last else math.nan,
+            "final_acc": final,
+            "final_acc_ci95": final_ci,
             "rollouts": float(np.mean([r.rollouts for r in runs])),
+            "steps": float(np.mean([r.steps for r in runs])),
+            "acc_at_common_step": at_s,
+            "acc_at_common_step_ci95": at_s_ci,
+            "initial_acc": float(np.mean(first)) if first else math.nan,
             "wall_s": float(np.mean([r.wall_seconds for r in runs])),
         })
+    return rows
+
+
+def resolve_references(groups: dict[str, list[Run]], reference: str | Sequence[str] | None) -> list[str]:
+    """The reference arms present: those named, else the first variant whose name starts with `grpo`."""
     if reference is None:
-        reference = next((n for n in groups if n.startswith("grpo")), None)
-    if reference in groups and not math.isnan(finals[reference]):
-        target = finals[reference]
+        first = next((n for n in groups if n.startswith("grpo")), None)
+        return [first] if first else []
+    names = [reference] if isinstance(reference, str) else list(reference)
+    return [n for n in names if n in groups]
+
+
+def summary_table(groups: dict[str, list[Run]],
+                  reference: str | Sequence[str] | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Per-variant rows (with `rollouts_to_ref_final` against the first reference) and that reference."""
+    refs = resolve_references(groups, reference)
+    rows = variant_rows(groups, common_step(groups))
+    ref = refs[0] if refs else None
+    finals = {row["variant"]: row["final_acc"] for row in rows}
+    if ref is not None and not math.isnan(finals[ref]):
         for row in rows:
-            reach = [rollouts_to_reach(*r.eval_curve(), target) for r in groups[row["variant"]]]
+            reach = [rollouts_to_reach(*r.eval_curve(), finals[ref]) for r in groups[row["variant"]]]
             reach = [v for v in reach if not math.isnan(v)]
             # Only meaningful when every seed reached the target.
-            row["rollouts_to_ref_final"] = float(np.mean(reach)) if len(reach) == len(groups[row["variant"]]) else math.nan
-    return rows, reference if reference in groups else None
+            every = len(reach) == len(groups[row["variant"]])
+            row["rollouts_to_ref_final"] = float(np.mean(reach)) if every else math.nan
+    return rows, ref
+
+
+def protocol_summary(groups: dict[str, list[Run]], references: Sequence[str]) -> dict[str, Any]:
+    """The `variants`, `paired` and `equal_steps` entries of summary.json (accuracies as fractions)."""
+    step = common_step(groups)
+    rows = variant_rows(groups, step)
+    keys = ("variant", "seeds", "final_acc", "final_acc_ci95", "rollouts", "steps")
+    at_step = (lambda r: r.acc_at("step", step)) if step is not None else (lambda r: math.nan)
+    return {
+        "variants": [{k: row[k] for k in keys} for row in rows],
+        "paired": paired_rows(groups, references, lambda r: r.final_acc),
+        "equal_steps": {
+            "step": step,
+            "variants": [{"variant": row["variant"], "acc": row["acc_at_common_step"],
+                          "acc_ci95": row["acc_at_common_step_ci95"]} for row in rows],
+            "paired": paired_rows(groups, references, at_step),
+        },
+    }
+
+
+def json_ready(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (valid JSON: no NaN / Infinity tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_ready(obj.item())
+    return obj
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -173,20 +356,27 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _pct(mean: float, ci: float) -> str:
+    """An accuracy (fraction) as "66.2 ± 0.5" percentage points; "–" parts where NaN."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.1f}" + ("" if ci is None or math.isnan(ci) else f" ± {100 * ci:.1f}")
+
+
 def curves_figure(groups: dict[str, list[Run]], path: Path, title: str, ylabel: str, xlabel: str,
                   get: Callable[[Run], tuple[np.ndarray, np.ndarray]]) -> bool:
-    """One PNG of per-variant mean curves with a ±1 std band; False (nothing written) when no curve has points."""
+    """One PNG of per-variant mean curves over seeds with a 95 % CI band; False (nothing written) without points."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = False
     for variant, runs in groups.items():
-        grid, mean, std = mean_band([get(r) for r in runs])
+        grid, mean, half = mean_band([get(r) for r in runs])
         if len(grid) == 0:
             continue
         drawn = True
         line, = ax.plot(grid, mean, label=f"{variant} (n={len(runs)})")
-        ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.2)
     if not drawn:
         plt.close(fig)
         return False
@@ -246,6 +436,10 @@ CURVES: tuple[tuple[str, str, str, str, Callable[[Run], tuple[np.ndarray, np.nda
     ("prior_rejection.png", "Share of prompts whose prior the test rejected (Δ̂² > 0)", "rejection rate", "step",
      lambda r: r.train_series("prior_reject")),
     ("k_mean.png", "Mean rollouts per prompt", "k", "step", lambda r: r.train_series("k_mean")),
+    ("prior_auc.png", "Online prior quality: AUC of V against the step's k-rollout means", "AUC", "step",
+     lambda r: r.train_series("prior_auc")),
+    ("prior_brier.png", "Online prior quality: Brier score of p̂ against the step's rollouts", "Brier", "step",
+     lambda r: r.train_series("prior_brier")),
 )
 
 
@@ -263,14 +457,54 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[str]:
     return written
 
 
-def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 report", reference: str | None = None,
-                 extra_images: Sequence[Path] = ()) -> Path:
-    """Read runs, draw the figures, write `out/report.md` and `out/summary.json`; returns the markdown path."""
+def markdown_tables(rows: list[dict[str, Any]], summary: dict[str, Any], ref: str | None) -> list[str]:
+    """The report's tables: per variant at equal rollouts and at step S, then the paired differences."""
+    step = summary["equal_steps"]["step"]
+    s_col = f"acc @ step {step}" if step is not None else "acc @ common step"
+    cols = ["variant", "seeds", "final acc (%)", "rollouts", "steps", s_col, "initial acc (%)", "wall_s"]
+    if ref:
+        cols.append("rollouts_to_ref_final")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [row["variant"], str(row["seeds"]), _pct(row["final_acc"], row["final_acc_ci95"]),
+                 _fmt(row["rollouts"], 0), _fmt(row["steps"], 1),
+                 _pct(row["acc_at_common_step"], row["acc_at_common_step_ci95"]), _pct(row["initial_acc"], math.nan),
+                 _fmt(row["wall_s"], 1)]
+        if ref:
+            cells.append(_fmt(row.get("rollouts_to_ref_final", math.nan)))
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["paired"]:
+        lines += ["", f"Paired differences (variant − reference, percentage points, same seeds): at equal rollouts "
+                  f"(final accuracy) and at equal steps (step {step}).", "",
+                  "| variant | reference | diff, equal rollouts | diff, equal steps | pairs |", "|---|---|---|---|---|"]
+        at_steps = {(d["variant"], d["reference"]): d for d in summary["equal_steps"]["paired"]}
+        for d in summary["paired"]:
+            e = at_steps[(d["variant"], d["reference"])]
+            lines.append(f"| {d['variant']} | {d['reference']} | {_signed(d['diff'], d['ci95'])} | "
+                         f"{_signed(e['diff'], e['ci95'])} | {d['n_pairs']} |")
+    return lines
+
+
+def _signed(mean: float, ci: float) -> str:
+    """A paired difference (fraction) as "+1.2 ± 0.6" points."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{100 * mean:+.1f}" + ("" if ci is None or math.isnan(ci) else f" ± {100 * ci:.1f}")
+
+
+def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 report",
+                 reference: str | Sequence[str] | None = None, extra_images: Sequence[Path] = ()) -> Path:
+    """Read runs, draw the figures, write `out/report.md` and `out/summary.json`; returns the markdown path.
+
+    `reference`: the arm(s) the paired differences are taken against (default: the first variant named grpo*).
+    """
     runs = discover_runs(run_dirs)
     groups = by_variant(runs)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_all(groups, out)
-    rows, ref = summary_table(groups, reference)
+    refs = resolve_references(groups, reference)
+    rows, ref = summary_table(groups, refs or None)
+    summary = protocol_summary(groups, refs)
     for img in extra_images:
         img = Path(img)
         if img.exists():
@@ -279,17 +513,14 @@ def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 repo
                 target.write_bytes(img.read_bytes())
             figures.append(img.name)
 
-    cols = ["variant", "seeds", "initial_acc", "final_acc", "final_acc_sd", "rollouts", "wall_s"]
-    if ref:
-        cols.append("rollouts_to_ref_final")
     lines = [f"# {title}", "", f"Runs: {len(runs)} in {len(groups)} variants, read from "
              + ", ".join(f"`{d}`" for d in run_dirs) + ".", ""]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c, math.nan)) for c in cols) + " |")
-    lines.append("")
-    lines.append("`final_acc`: mean over seeds of the last held-out mean@k accuracy (`final_acc_sd`: its standard "
-                 "deviation); `rollouts`: rollouts generated, all counted; `wall_s`: training + evaluation seconds.")
+    lines += markdown_tables(rows, summary, ref)
+    lines += ["", f"`final acc`: per seed the mean of the last {FINAL_EVALS} held-out mean@k evaluations, then the "
+              "mean over seeds ± the half-width of a t-based 95 % CI (ddof 1; none from one seed); `rollouts`: rollouts "
+              "generated, all counted (equal-rollouts axis); `steps`: optimizer steps made; `acc @ step S`: accuracy "
+              "interpolated at the largest step every run reached (equal-steps axis); `wall_s`: training + evaluation "
+              "seconds. Curves: mean over seeds with a 95 % CI band."]
     if ref:
         lines.append(f"`rollouts_to_ref_final`: rollouts a variant needed to first reach `{ref}`'s final accuracy "
                      "(– when some seed never reached it).")
@@ -298,5 +529,6 @@ def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 repo
         lines += [f"![{fig_name}]({fig_name})", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "reference": ref, "figures": figures}, indent=2))
+    payload = {**summary, "rows": rows, "reference": ref, "references": refs, "figures": figures}
+    (out / "summary.json").write_text(json.dumps(json_ready(payload), indent=2, allow_nan=False))
     return md

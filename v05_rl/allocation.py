@@ -32,14 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from v05_rl.estimators import FUSION_METHODS, fuse, is_torch
+from v05_rl.estimators import FUSION_METHODS, SAFE_SIGMA_RULE, SIGMA_RULES, fuse, is_torch
 
 Array = Any  # np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
 class OslaConfig:
-    """OSLA allocation settings; the defaults are the paper's (§4.1.3)."""
+    """OSLA allocation settings; the defaults are the paper's (§4.1.3).
+
+    `method` and `sigma_rule` also choose how the advantage fuses and scales (`v05_rl.estimators`); the
+    planner itself reads only `method` (for Δ̂²).
+    """
 
     k_init: int = field(default=4, metadata={"help": "rollouts every prompt gets first (paper: 4, App. A.8)"})
     step: int = field(default=2, metadata={"help": "rollouts added per round to a prompt that needs more"})
@@ -56,6 +60,11 @@ class OslaConfig:
     )
     method: str = field(
         default="paper", metadata={"help": "fusion method for Δ̂²: paper, bernoulli or empirical-bayes"}
+    )
+    sigma_rule: str = field(
+        default=SAFE_SIGMA_RULE,  # not the paper's: see the ±1 hazard in v05_rl.estimators
+        metadata={"help": "scale σ* of the V0.5 advantage: 'noise-bound' = max(sqrt(1 - μ*²), 1/sqrt(k)) "
+                  "(fixes the ±1 hazard, see v05_rl.estimators), 'paper' = sqrt(1 - μ*²) as printed (Eq. 10)"},
     )
     no_prior: str = field(
         default="cap",
@@ -90,6 +99,10 @@ class OslaConfig:
         if self.method not in FUSION_METHODS:
             raise ValueError(
                 f"OslaConfig.method: unknown fusion method {self.method!r}; valid: {', '.join(FUSION_METHODS.names())}"
+            )
+        if self.sigma_rule not in SIGMA_RULES:
+            raise ValueError(
+                f"OslaConfig.sigma_rule: unknown rule {self.sigma_rule!r}; valid: {', '.join(SIGMA_RULES.names())}"
             )
         if self.no_prior not in ("cap", "k_init"):
             raise ValueError(f"OslaConfig.no_prior: expected 'cap' or 'k_init', got {self.no_prior!r}")

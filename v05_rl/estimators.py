@@ -17,10 +17,20 @@ The paper (§3.3, Eq. 6-9), for one group with k rollouts and mean v̄_k:
     A_i = (r_i - μ*) / σ*,   σ* = sqrt(1 - μ*²)                               (Eq. 10)
 
 Where this module departs from or extends the paper, and why:
-- σ* is clamped: σ* = max(sqrt(1 - μ*²), std_floor) with std_floor = 0.1 by default. The paper leaves
-  μ* = ±1 undefined (an all-correct group whose prior is kept has μ* = 1, σ* = 0). With the clamp such a
-  group gets advantage 0 (r - μ* = 0) and a rollout that contradicts μ* = ±1 gets at most
-  2 / std_floor = 20 in magnitude instead of infinity.
+- σ* may have a floor tied to k (`sigma_rule="noise-bound"`; the default of the engine's
+  `OslaConfig.sigma_rule`, while the functions here default to the paper like `method`): σ* =
+  max(sqrt(1 - μ*²), 1/sqrt(k), std_floor). The paper's rule σ* = sqrt(1 - μ*²) (`sigma_rule="paper"`,
+  with only the clamp std_floor = 0.1 that keeps μ* = ±1 finite) has a hazard: a prior at exactly ±1
+  with one contradicting rollout of k = 4 passes Eq. 7 ((0.5 - 1)² = 0.25 is not > 1/4), so μ* = V = 1,
+  σ* = 0.1 and that rollout gets advantage (-1 - 1)/0.1 = -20; V = 0.98 gives -1.98/sqrt(1 - 0.98²) = -9.9 (at k = 16 one or two
+  failures pass the test and get the same). Why the floor 1/sqrt(k): the normaliser should be the
+  root-mean-square of r - μ*, i.e. E[(r - μ*)²] = (1 - μ²) + (μ - μ*)², not only the first term. When the
+  test keeps the prior it has certified only (v̄_k - V)² <= 1/k: an error (μ - μ*)² up to the noise bound
+  σ̂² = 1/k of Eq. 6 is invisible to it, so σ*² >= 1/k is the smallest second moment the data cannot rule
+  out. The floor acts only where sqrt(1 - μ*²) < 1/sqrt(k) (|μ*| > 0.87 at k = 4, > 0.71 at k = 2), it
+  bounds a contradicting rollout's advantage by 2 sqrt(k) (4 at k = 4 instead of 20), and it leaves the
+  advantage of an agreeing rollout small ((1 - μ*) sqrt(k)). Clipping V to ±(1 - ε) alone would not do:
+  V = 0.98 is already -9.9. See `SIGMA_RULES` and tests/v05_rl/test_hazard.py for the measured table.
 - No prior (NaN): μ* = v̄_k and ŵ = 1 (the cold start of the paper's support buffer); Δ̂² is NaN there.
 - Two fusion methods beyond the paper, off by default (`method="paper"` is Eq. 6-9 exactly):
   * "bernoulli": the noise bound uses the Bernoulli variance implied by the prior, (1 - V²)/k, instead
@@ -482,21 +492,46 @@ class V05GroupStats(NamedTuple):
     mu: Array  # μ*
     w: Array  # ŵ
     delta2: Array  # Δ̂² (NaN where no prior)
-    sigma: Array  # σ* after the clamp
+    sigma: Array  # σ* of the sigma rule (with the std_floor clamp)
 
 
-def _sigma_star(mu: Array, std_floor: float) -> Array:
-    """σ* = max(sqrt(1 - μ²), std_floor), the ±1 reward's standard deviation at mean μ.  Shape: (G,) → (G,)."""
-    if not std_floor > 0:
-        raise ValueError(f"std_floor: expected a positive floor on sqrt(1 - mu*^2), got {std_floor!r}")
+SigmaFn = Callable[[Array, Array, float], Array]
+#: Rules for σ*, the scale of the V0.5 advantage: (μ* (G,), k (G,), std_floor) → σ* (G,). See the module docstring.
+SIGMA_RULES: Registry[SigmaFn] = Registry("sigma rule")
+#: The rule that fixes the ±1 hazard (the engine's default, `OslaConfig.sigma_rule`); "paper" is Eq. 10 as printed.
+SAFE_SIGMA_RULE = "noise-bound"
+
+
+@SIGMA_RULES.register("paper")
+def _sigma_paper(mu: Array, k: Array, std_floor: float) -> Array:
+    """σ* = max(sqrt(1 - μ*²), std_floor) (Eq. 10 with a clamp that keeps μ* = ±1 finite).  (G,), (G,) → (G,)."""
     xp = _xp(mu)
     return xp.sqrt((1 - mu**2).clip(min=0)).clip(min=std_floor)  # [G]
 
 
-def _standardize(rewards: Array, idx: Array, mu: Array, std_floor: float) -> tuple[Array, Array]:
-    """A_i = (r_i - μ_g) / max(sqrt(1 - μ_g²), std_floor).  Shapes: (N,), (N,), (G,) → (N,), (G,)."""
-    sigma = _sigma_star(mu, std_floor)  # [G]
-    return (rewards - mu[idx]) / sigma[idx], sigma
+@SIGMA_RULES.register("noise-bound")
+def _sigma_noise_bound(mu: Array, k: Array, std_floor: float) -> Array:
+    """σ* = max(sqrt(1 - μ*²), 1/sqrt(k), std_floor): never below the noise bound of Eq. 6.  (G,), (G,) → (G,)."""
+    xp = _xp(mu)
+    floor = 1 / xp.sqrt(k)  # [G]
+    return xp.maximum(_sigma_paper(mu, k, std_floor), floor)  # [G]
+
+
+def sigma_rules() -> list[str]:
+    """Names accepted by `sigma_rule=`."""
+    return SIGMA_RULES.names()
+
+
+def _sigma_star(mu: Array, k: Array, std_floor: float, rule: str) -> Array:
+    """σ* of rule `rule` (`SIGMA_RULES`).  Shape: mu (G,), k (G,) → (G,)."""
+    if not std_floor > 0:
+        raise ValueError(f"std_floor: expected a positive floor on sqrt(1 - mu*^2), got {std_floor!r}")
+    return SIGMA_RULES.get(rule)(mu, k, std_floor)
+
+
+def _standardize(rewards: Array, idx: Array, mu: Array, sigma: Array) -> Array:
+    """A_i = (r_i - μ_g) / σ_g.  Shapes: (N,), (N,), (G,), (G,) → (N,)."""
+    return (rewards - mu[idx]) / sigma[idx]
 
 
 def v05_group_stats(
@@ -506,13 +541,15 @@ def v05_group_stats(
     prior: Any = None,
     method: str = "paper",
     std_floor: float = DEFAULT_STD_FLOOR,
+    sigma_rule: str = "paper",
 ) -> V05GroupStats:
     """Per-group V0.5 quantities (k, v̄, V, μ*, ŵ, Δ̂², σ*) for logging.  Shapes: (N,), (N,), (G,) → (G,)."""
     fn = FUSION_METHODS.get(method)
     rewards, idx, n_groups, prior = _prepare(rewards, group_index, prior)
     st = _group_stats(rewards, idx, n_groups)
     fz = _fuse(st.mean, st.count, prior, fn)
-    return V05GroupStats(st.count, st.mean, prior, fz.mu, fz.w, fz.delta2, _sigma_star(fz.mu, std_floor))
+    sigma = _sigma_star(fz.mu, st.count, std_floor, sigma_rule)
+    return V05GroupStats(st.count, st.mean, prior, fz.mu, fz.w, fz.delta2, sigma)
 
 
 def _prepare(rewards: Any, group_index: Any, prior: Any) -> tuple[Array, Array, int, Array]:
@@ -533,34 +570,37 @@ def v05_advantages(
     prior: Any = None,
     method: str = "paper",
     std_floor: float = DEFAULT_STD_FLOOR,
+    sigma_rule: str = "paper",
 ) -> Array:
-    """V0.5 advantage A_i = (r_i - μ*) / σ*, σ* = max(sqrt(1 - μ*²), std_floor) (Eq. 9-10).
+    """V0.5 advantage A_i = (r_i - μ*) / σ* (Eq. 9-10).
 
+    σ* by `sigma_rule`: "paper" (default, Eq. 10) max(sqrt(1 - μ*²), std_floor); "noise-bound"
+    max(sqrt(1 - μ*²), 1/sqrt(k), std_floor), which avoids the ±1 hazard (see the module docstring).
     Shapes: rewards (N,), group_index (N,) int in [0, G), prior (G,) (NaN or None = no prior) → (N,).
     """
     fn = FUSION_METHODS.get(method)
+    SIGMA_RULES.get(sigma_rule)  # fail on a bad name before any work
     rewards, idx, n_groups, prior = _prepare(rewards, group_index, prior)
     st = _group_stats(rewards, idx, n_groups)
     mu = _fuse(st.mean, st.count, prior, fn).mu  # [G]
-    return _standardize(rewards, idx, mu, std_floor)[0]
+    return _standardize(rewards, idx, mu, _sigma_star(mu, st.count, std_floor, sigma_rule))
 
 
 @ESTIMATORS.register("prior-only")
 def prior_only_advantages(
-    rewards: Any, group_index: Any, *, prior: Any = None, std_floor: float = DEFAULT_STD_FLOOR
+    rewards: Any, group_index: Any, *, prior: Any = None, std_floor: float = DEFAULT_STD_FLOOR,
+    sigma_rule: str = "paper",
 ) -> Array:
-    """Advantage with the prior alone as baseline: (r_i - V) / max(sqrt(1 - V²), std_floor).
+    """Advantage with the prior alone as baseline: (r_i - V) / σ, σ by `sigma_rule` at μ = V (as `v05_advantages`).
 
     Groups without a prior (NaN) fall back to their empirical mean. Shapes: (N,), (N,), (G,) → (N,).
     """
     rewards, idx, n_groups, prior = _prepare(rewards, group_index, prior)
     xp = _xp(rewards)
     has = ~xp.isnan(prior)
-    if bool(has.all()):
-        mu = prior
-    else:
-        mu = xp.where(has, prior, _group_stats(rewards, idx, n_groups).mean)
-    return _standardize(rewards, idx, mu, std_floor)[0]
+    st = _group_stats(rewards, idx, n_groups)
+    mu = prior if bool(has.all()) else xp.where(has, prior, st.mean)
+    return _standardize(rewards, idx, mu, _sigma_star(mu, st.count, std_floor, sigma_rule))
 
 
 def _mean_std(rewards: Array, idx: Array, n_groups: int) -> tuple[Array, Array, Array]:
@@ -643,6 +683,8 @@ __all__ = [
     "FUSION_METHODS",
     "Fusion",
     "GroupStats",
+    "SAFE_SIGMA_RULE",
+    "SIGMA_RULES",
     "V05GroupStats",
     "drgrpo_advantages",
     "estimator_names",
@@ -655,6 +697,7 @@ __all__ = [
     "mcgrpo_advantages",
     "prior_only_advantages",
     "rloo_advantages",
+    "sigma_rules",
     "v05_advantages",
     "v05_group_stats",
 ]

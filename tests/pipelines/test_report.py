@@ -1,4 +1,4 @@
-"""`v05 report` renders from a small fixture run; `v05 experiment` plans its grid."""
+"""`v05 report` renders from a small fixture run; the protocol's statistics; `v05 experiment` plans its grid."""
 
 import json
 import math
@@ -7,11 +7,21 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipelines.report import mean_band, rollouts_to_reach, write_report
+from pipelines.report import (
+    json_ready,
+    mean_band,
+    mean_ci95,
+    paired_rows,
+    read_run,
+    rollouts_to_reach,
+    t_quantile_975,
+    write_report,
+)
 
 
 def _fake_run(path, *, slope, seed, steps=6, per_step=256):
     path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed}))
     rng = np.random.default_rng(seed)
     with open(path / "metrics.jsonl", "w") as fh:
         for step in range(steps + 1):
@@ -32,10 +42,94 @@ def test_rollouts_to_reach_interpolates():
 def test_mean_band_over_common_range():
     a = (np.array([0.0, 10.0]), np.array([0.0, 1.0]))
     b = (np.array([0.0, 20.0]), np.array([1.0, 3.0]))
-    grid, mean, std = mean_band([a, b], n_grid=3)
-    # common range [0, 10]; at x=5: a=0.5, b=1.5 -> mean 1.0, std 0.5
+    grid, mean, half = mean_band([a, b], n_grid=3)
+    # common range [0, 10]; at x=5: a=0.5, b=1.5 -> mean 1.0, sd (ddof 1) = sqrt(0.5) = 0.7071,
+    # CI half-width = t(0.975, 1) · sd / sqrt(2) = 12.7062 · 0.5 = 6.3531
     assert grid.tolist() == [0.0, 5.0, 10.0]
-    assert mean[1] == pytest.approx(1.0) and std[1] == pytest.approx(0.5)
+    assert mean[1] == pytest.approx(1.0) and half[1] == pytest.approx(6.3531, abs=1e-3)
+
+
+def test_t_quantile_matches_scipy():
+    from scipy import stats
+
+    for df in list(range(1, 41)) + [60, 100, 500]:
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-7), df
+
+
+def test_mean_ci95_hand_values():
+    # [0.60, 0.62, 0.64]: mean 0.62, sd (ddof 1) = 0.02, t(0.975, 2) = 4.302653 -> 4.302653 · 0.02 / sqrt(3) = 0.049683
+    mean, half = mean_ci95([0.60, 0.62, 0.64])
+    assert mean == pytest.approx(0.62) and half == pytest.approx(0.049683, abs=1e-6)
+    assert math.isnan(mean_ci95([0.5])[1])  # one seed: no interval
+    assert mean_ci95([0.5, float("nan"), 0.7])[0] == pytest.approx(0.6)  # NaN values are dropped
+
+
+def _eval_only_run(path, seed, accs, steps_per_eval=10, per_step=256):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed}))
+    with open(path / "metrics.jsonl", "w") as fh:
+        for i, acc in enumerate(accs):
+            step = i * steps_per_eval
+            fh.write(json.dumps({"kind": "eval", "step": step, "rollouts_used": step * per_step, "mean_at_k": acc}) + "\n")
+            fh.write(json.dumps({"kind": "train", "step": step + 1, "rollouts_used": (step + 1) * per_step}) + "\n")
+
+
+def test_final_accuracy_is_the_mean_of_the_last_two_evaluations(tmp_path):
+    _eval_only_run(tmp_path / "r", 0, [0.2, 0.4, 0.6, 0.7])
+    run = read_run(tmp_path / "r")
+    assert run.final_acc == pytest.approx(0.65)  # (0.6 + 0.7) / 2
+    assert run.seed == 0 and run.acc_at("step", 15) == pytest.approx(0.5)  # steps 10 -> 20: halfway 0.4 -> 0.6
+
+
+def test_paired_rows_pair_by_seed(tmp_path):
+    # reference accs 0.50, 0.52, 0.54 (seeds 0-2); variant 0.53, 0.56, 0.56 and a seed 3 without a partner
+    # diffs 0.03, 0.04, 0.02: mean 0.03, sd 0.01, CI 4.302653 · 0.01 / sqrt(3) = 0.024841
+    for seed, (a, b) in enumerate([(0.50, 0.53), (0.52, 0.56), (0.54, 0.56)]):
+        _eval_only_run(tmp_path / "ref" / f"seed{seed}", seed, [a, a])
+        _eval_only_run(tmp_path / "var" / f"seed{seed}", seed, [b, b])
+    _eval_only_run(tmp_path / "var" / "seed3", 3, [0.9, 0.9])
+    from pipelines.report import by_variant, discover_runs
+
+    rows = paired_rows(by_variant(discover_runs([tmp_path])), ["ref"], lambda r: r.final_acc)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["variant"], row["reference"], row["n_pairs"]) == ("var", "ref", 3)
+    assert row["diff"] == pytest.approx(0.03) and row["ci95"] == pytest.approx(0.024841, abs=1e-6)
+
+
+def test_summary_json_protocol_schema_equal_steps_and_no_nan(tmp_path):
+    exp = tmp_path / "exp"
+    for seed in (0, 1, 2):
+        _eval_only_run(exp / "grpo16" / f"seed{seed}", seed, [0.2, 0.3, 0.4, 0.5 + 0.01 * seed])  # evals at 0..30
+        _eval_only_run(exp / "osla" / f"seed{seed}", seed, [0.2, 0.35, 0.5 + 0.01 * seed])  # fewer steps: 0..20
+    _eval_only_run(exp / "single" / "seed0", 0, [0.2, 0.3, 0.4])  # one seed: no CI -> null
+    write_report([exp], tmp_path / "rep", reference=["grpo16"])
+    text = (tmp_path / "rep" / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    summary = json.loads(text)
+    assert {tuple(sorted(v)) for v in summary["variants"]} == {
+        ("final_acc", "final_acc_ci95", "rollouts", "seeds", "steps", "variant")}
+    assert {tuple(sorted(p)) for p in summary["paired"]} == {("ci95", "diff", "n_pairs", "reference", "variant")}
+    v = {row["variant"]: row for row in summary["variants"]}
+    assert v["single"]["final_acc_ci95"] is None and v["single"]["seeds"] == 1
+    # grpo16 final per seed s: (0.4 + 0.5 + 0.01 s)/2 -> 0.45, 0.455, 0.46; osla: (0.35 + 0.5 + 0.01 s)/2
+    assert v["grpo16"]["final_acc"] == pytest.approx(0.455)
+    paired = {(p["variant"], p["reference"]): p for p in summary["paired"]}
+    # osla - grpo16 = (0.35 - 0.4)/2 = -0.025 for every seed: CI half-width 0
+    assert paired[("osla", "grpo16")]["diff"] == pytest.approx(-0.025) and paired[("osla", "grpo16")]["n_pairs"] == 3
+    assert paired[("osla", "grpo16")]["ci95"] == pytest.approx(0.0, abs=1e-12)
+    # equal steps: the common step is 20 (osla and single evaluated up to 20); grpo16 at step 20 = 0.4,
+    # osla 0.5 + 0.01 s -> diffs 0.10, 0.11, 0.12: mean 0.11, CI 4.302653 · 0.01 / sqrt(3) = 0.024841
+    eq = summary["equal_steps"]
+    assert eq["step"] == 20
+    eq_paired = {(p["variant"], p["reference"]): p for p in eq["paired"]}
+    assert eq_paired[("osla", "grpo16")]["diff"] == pytest.approx(0.11)
+    assert eq_paired[("osla", "grpo16")]["ci95"] == pytest.approx(0.024841, abs=1e-6)
+    assert "| osla | grpo16 | -2.5 ± 0.0 | +11.0 ± 2.5 | 3 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_json_ready_replaces_non_finite():
+    assert json_ready({"a": [float("nan"), 1.0, np.float64("inf")], "b": np.int64(3)}) == {"a": [None, 1.0, None], "b": 3}
 
 
 def test_report_renders_from_fixture(tmp_path):

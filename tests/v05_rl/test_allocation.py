@@ -18,7 +18,7 @@ def test_defaults_are_the_papers():
     cfg = OslaConfig()
     assert asdict(cfg) == {
         "k_init": 4, "step": 2, "c": 0.0039, "k_max": None, "halt_fraction": 0.25, "pad_multiple": 32, "method": "paper",
-        "no_prior": "cap",
+        "no_prior": "cap", "sigma_rule": "noise-bound",
     }
     # 1/sqrt(0.0039) = 16.0128 → cap 16
     assert cfg.cap == 16

@@ -20,7 +20,7 @@ def estimator_options(name: str, cfg: Any) -> dict[str, Any]:
     if name in ("grpo", "mcgrpo"):
         return {"eps": cfg.optim.grpo_eps, "norm_by_std": True}
     if name == "v05":
-        return {"method": cfg.osla.method}
+        return {"method": cfg.osla.method, "sigma_rule": cfg.osla.sigma_rule}
     return {}
 
 

@@ -133,6 +133,8 @@ class TrainConfig:
     tasks_path: str | None = _h("path or spec handed to the task source's load() (arith: 'n_prompts=2000,seed=0')", default=None)
     train_split: str = _h("split of the task source used for training", default="train")
     eval_split: str = _h("held-out split used for evaluation", default="test")
+    train_prompts: int | None = _h("train on the first N prompts of the training split only (None = all); a small pool "
+                                   "makes prompts recur (the multi-epoch regime)", default=None)
     # compute
     rollouts_per_step: int = _h("prompt batch × rollouts per prompt (paper: 512 × 16); sets the prompt batch", default=8192)
     prompt_batch: int | None = _h("prompts per step; None = rollouts_per_step // group size", default=None)
@@ -144,7 +146,8 @@ class TrainConfig:
     # V0.5
     estimator: str | None = _h("advantage estimator (v05_rl.estimators registry); None = algorithm default "
                                "(grpo for grpo/dapo, v05 for v05/v05-fixed)", default=None)
-    prior: str = _h("prior source: none, oracle-noise (experimental upper bound), v0", default="none")
+    prior: str = _h("prior source (v05_rl.priors registry): none, oracle-noise (experimental upper bound), v0, "
+                    "history (the prompt's own earlier rollouts), v0+history", default="none")
     prior_options: PriorOptions = _h("support buffer, oracle noise, V0 checkpoint", default_factory=PriorOptions)
     osla: OslaConfig = _h("v05: OSLA planner and fusion method", default_factory=OslaConfig)
     dapo_max_tries: int = _h("dapo: generation tries per step to fill the batch with non-zero-variance groups", default=3)
@@ -171,14 +174,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.estimator {self.estimator!r} unknown; use one of {', '.join(ESTIMATORS.names())}")
         if self.algorithm in ("grpo", "dapo") and self.prior != "none":
             raise ValueError(f"TrainConfig.prior={self.prior!r} has no effect with algorithm {self.algorithm!r}; set prior: none or algorithm: v05")
-        if self.prior == "v0" and not self.prior_options.v0_checkpoint:
-            raise ValueError("TrainConfig.prior='v0' needs prior_options.v0_checkpoint (path of a `v05 pretrain-v0` checkpoint)")
+        if self.prior in ("v0", "v0+history") and not self.prior_options.v0_checkpoint:
+            raise ValueError(f"TrainConfig.prior={self.prior!r} needs prior_options.v0_checkpoint (path of a `v05 pretrain-v0` checkpoint)")
         if self.algorithm == "dapo" and self.group_size < 2:
             raise ValueError("dapo needs group_size >= 2 (zero-variance filtering is meaningless with one rollout)")
         _positive(self, ("rollouts_per_step", "group_size", "k", "steps", "dapo_max_tries"))
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"TrainConfig.max_minutes must be > 0 or None, got {self.max_minutes}")
-        for name in ("prompt_batch", "rollout_budget"):
+        for name in ("prompt_batch", "rollout_budget", "train_prompts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 or None, got {value}")

@@ -62,16 +62,11 @@ def _make_oracle(opts: PriorOptions, runtime: PriorRuntime) -> PriorSource:
 
 @PRIOR_SOURCES.register("v0")
 def _make_v0(opts: PriorOptions, runtime: PriorRuntime) -> PriorSource:
-    """The V0 source: the checkpoint `opts.v0_checkpoint`, texts of `runtime.prompts_by_id`."""
-    if not opts.v0_checkpoint:
-        raise ValueError("prior 'v0' needs --v0-checkpoint PATH (a file written by `v05 pretrain-v0`)")
-    from v0_model.checkpoint import load_predictor  # heavy (torch, transformers): only when V0 is asked for
-    from v05_rl.priors.v0 import V0PriorSource
+    """The V0 source: the checkpoint `opts.v0_checkpoint` on `runtime.device`, texts from the live
+    `runtime.prompts_by_id` (see `v0.build_v0_source`)."""
+    from v05_rl.priors.v0 import build_v0_source  # heavy (torch, transformers): only when V0 is asked for
 
-    predictor = load_predictor(opts.v0_checkpoint)
-    texts = {int(pid): p.text for pid, p in dict(runtime.prompts_by_id).items()}
-    return V0PriorSource(predictor, SupportBuffer(opts.support_capacity), texts=texts,
-                         support_size=opts.support_size, seed=opts.resolved_seed())
+    return build_v0_source(opts, runtime)
 
 
 def make_prior_source(name: str, opts: PriorOptions | None = None, runtime: PriorRuntime | None = None) -> PriorSource:
@@ -98,3 +93,36 @@ __all__ = [
     "make_prior_source",
     "noisy_prior",
 ]
+
+
+# ---- `history` and `v0+history` (issue 12): per-prompt discounted Beta–Bernoulli priors (`history.py`)
+from v05_rl.priors.history import DiscountedBetaTable, HistoryPrior, V0HistoryPrior  # noqa: E402
+
+PRIOR_HELP.update({
+    "history": (
+        "the prompt's own earlier rollouts: discounted Beta-Bernoulli posterior (arXiv 2603.18444); "
+        "NaN until the prompt was observed (useful when prompts recur)"
+    ),
+    "v0+history": (
+        "history where the prompt was observed, with V0's estimate (--v0-checkpoint) as its Beta prior mean; "
+        "V0 where it was not"
+    ),
+})
+
+
+def _history_table(opts: PriorOptions) -> DiscountedBetaTable:
+    return DiscountedBetaTable(opts.history_discount, opts.history_discount_unit)
+
+
+@PRIOR_SOURCES.register("history")
+def _make_history(opts: PriorOptions, runtime: PriorRuntime) -> PriorSource:
+    return HistoryPrior(_history_table(opts), a0=opts.history_a0, b0=opts.history_b0, center=opts.history_center,
+                        support=SupportBuffer(opts.support_capacity))
+
+
+@PRIOR_SOURCES.register("v0+history")
+def _make_v0_history(opts: PriorOptions, runtime: PriorRuntime) -> PriorSource:
+    return V0HistoryPrior(_make_v0(opts, runtime), _history_table(opts), a0=opts.history_a0, b0=opts.history_b0)
+
+
+__all__ += ["DiscountedBetaTable", "HistoryPrior", "V0HistoryPrior"]

@@ -25,6 +25,8 @@ from v0_data.tasks.base import Prompt
 
 DEFAULT_CAPACITY = 512  # paper §4.1.3: support buffer capacity
 DEFAULT_SUPPORT_SIZE = 256  # paper §4.1.3: support batch size (context rows per query)
+HISTORY_DISCOUNT_UNITS = ("observation", "step")  # `history` prior: what one discount γ is applied per
+HISTORY_CENTERS = ("flat", "base-rate")  # `history` prior: where its Beta prior is centred
 
 
 @runtime_checkable
@@ -37,8 +39,14 @@ class PriorSource(Protocol):
         """Priors for `prompts`. Shape: (B,), float64, each in [-1, 1] or NaN."""
         ...
 
-    def observe(self, prompt_ids: Sequence[int] | np.ndarray, success_rates: Sequence[float] | np.ndarray) -> None:
-        """Feed the support buffer with the current policy's measured success rates in [0, 1]."""
+    def observe(
+        self,
+        prompt_ids: Sequence[int] | np.ndarray,
+        success_rates: Sequence[float] | np.ndarray,
+        counts: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Feed the support buffer with the current policy's measured success rates in [0, 1]; `counts` (B,)
+        are the rollouts behind each rate (sources that weigh evidence, like `history`, use them)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -140,7 +148,7 @@ class BufferedPriorSource:
     def __init__(self, support: SupportBuffer | None = None):
         self.support = support if support is not None else SupportBuffer()
 
-    def observe(self, prompt_ids, success_rates) -> None:
+    def observe(self, prompt_ids, success_rates, counts=None) -> None:
         self.support.add(prompt_ids, success_rates)
 
     def priors(self, prompts: Sequence[Prompt]) -> np.ndarray:  # pragma: no cover - abstract
@@ -189,9 +197,47 @@ class PriorOptions:
     noise_std: float = field(default=0.0, metadata={"help": "oracle-noise: Gaussian noise std on the [-1, 1] scale"})
     flip_fraction: float = field(default=0.0, metadata={"help": "oracle-noise: fraction of priors flipped V -> -V"})
     v0_checkpoint: str | None = field(default=None, metadata={"help": "v0: path of the V0 checkpoint file"})
+    v0_features_dir: str | None = field(
+        default=None,
+        metadata={"help": "v0: folder written by `v05 data embed` (default <store>/features); its per-prompt "
+                  "features are read, never recomputed"},
+    )
     seed: int | None = field(
         default=None, metadata={"help": "seed of the source's own randomness; None = the run's seed (verl: 0)"}
     )
+    history_discount: float = field(
+        default=0.9,
+        metadata={"help": "history: discount γ in (0, 1] of a prompt's success/failure counts (1 = never forget)"},
+    )
+    history_discount_unit: str = field(
+        default="observation",
+        metadata={"help": "history: γ applies per 'observation' of the prompt, or per training 'step' to every prompt"},
+    )
+    history_a0: float = field(default=1.0, metadata={"help": "history: Beta(a0, b0) prior pseudo-successes (> 0)"})
+    history_b0: float = field(default=1.0, metadata={"help": "history: Beta(a0, b0) prior pseudo-failures (> 0)"})
+    history_center: str = field(
+        default="flat",
+        metadata={"help": "history: Beta prior mean 'flat' = a0/(a0+b0), or 'base-rate' = the support buffer's "
+                  "mean success rate (strength a0+b0 either way)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.history_discount <= 1.0:
+            raise ValueError(f"PriorOptions.history_discount must be in (0, 1], got {self.history_discount}")
+        if self.history_discount_unit not in HISTORY_DISCOUNT_UNITS:
+            raise ValueError(
+                f"PriorOptions.history_discount_unit {self.history_discount_unit!r} unknown; "
+                f"use one of {', '.join(HISTORY_DISCOUNT_UNITS)}"
+            )
+        if self.history_center not in HISTORY_CENTERS:
+            raise ValueError(
+                f"PriorOptions.history_center {self.history_center!r} unknown; use one of {', '.join(HISTORY_CENTERS)}"
+            )
+        if not (self.history_a0 > 0 and self.history_b0 > 0):
+            raise ValueError(
+                f"PriorOptions.history_a0 and history_b0 must be > 0 (a prior of exactly ±1 otherwise), "
+                f"got {self.history_a0}, {self.history_b0}"
+            )
 
     def resolved_seed(self) -> int:
         return 0 if self.seed is None else int(self.seed)
@@ -215,6 +261,8 @@ def check_priors(priors: np.ndarray, n: int, source: str) -> np.ndarray:
 __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_SUPPORT_SIZE",
+    "HISTORY_CENTERS",
+    "HISTORY_DISCOUNT_UNITS",
     "BufferedPriorSource",
     "NoPrior",
     "PriorOptions",

@@ -4,6 +4,10 @@ The current policy's own success rate on each prompt, measured with many extra r
 counted in the rollout budget, plus Gaussian noise of a chosen standard deviation on the reward scale
 (clipped to [-1, 1]) and an optional fraction of flipped priors (V -> -V, the "hallucinating" regime).
 Not a method one could deploy.
+
+The measured rate p̂ of n rollouts is smoothed to (n·p̂ + 0.5)/(n + 1) and the noisy prior clipped to
+±n/(n + 1), so the oracle never says exactly ±1: a prior of ±1 with one contradicting rollout passes the
+test of Eq. 7 and would get an advantage of ∓20 under the paper's σ* (the ±1 hazard, `v05_rl.estimators`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from v05_rl.priors.base import BufferedPriorSource, SuccessRateFn, SupportBuffer
 
 
 def noisy_prior(
-    success_rate: np.ndarray, noise_std: float, flip_fraction: float, rng: np.random.Generator
+    success_rate: np.ndarray, noise_std: float, flip_fraction: float, rng: np.random.Generator, bound: float = 1.0
 ) -> np.ndarray:
-    """V = clip(2p - 1 + σ·ε, -1, 1), then V -> -V for each prompt with probability `flip_fraction`.
+    """V = clip(2p - 1 + σ·ε, -bound, bound), then V -> -V for each prompt with probability `flip_fraction`.
 
     Shapes: success_rate (B,) -> (B,). ε ~ N(0, 1) drawn from `rng` (always B draws, then B uniforms, so
     the stream does not depend on σ or the flip fraction).
@@ -27,7 +31,7 @@ def noisy_prior(
     truth = 2.0 * np.asarray(success_rate, dtype=np.float64) - 1.0  # [B]
     eps = rng.standard_normal(truth.shape)  # [B]
     flips = rng.random(truth.shape) < flip_fraction  # [B]
-    v = np.clip(truth + noise_std * eps, -1.0, 1.0)  # [B]
+    v = np.clip(truth + noise_std * eps, -bound, bound)  # [B]
     return np.where(flips, -v, v)
 
 
@@ -40,6 +44,7 @@ class OracleNoisePrior(BufferedPriorSource):
     """
 
     name = "oracle-noise"
+    uses_policy = True  # it generates with the current policy: the engine does not run it beside round 0
 
     def __init__(
         self,
@@ -73,7 +78,10 @@ class OracleNoisePrior(BufferedPriorSource):
         if p.shape != (len(prompts),):
             raise ValueError(f"oracle-noise: success_rate_fn returned shape {p.shape}, expected ({len(prompts)},)")
         self.last_truth = 2.0 * p - 1.0
-        return noisy_prior(p, self.noise_std, self.flip_fraction, np.random.default_rng(call_seed))
+        n = self.n_rollouts
+        smoothed = (p * n + 0.5) / (n + 1)  # never exactly 0 or 1: a prior of ±1 is the ±1 hazard
+        return noisy_prior(smoothed, self.noise_std, self.flip_fraction, np.random.default_rng(call_seed),
+                           bound=n / (n + 1))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "calls": self.calls}
