@@ -100,6 +100,22 @@ def _fillers(selected: np.ndarray, n_fill: int, n_prompts: int) -> np.ndarray:
     return np.resize(pool, n_fill).astype(np.int64)
 
 
+def _checked_inputs(prompt_batch: DataProto, gen_batch: DataProto, priors: Any, dispatch_multiple: int) -> Any:
+    """`generate_osla`'s inputs refused with a message naming the fix; priors as float64 (B,) or the callable."""
+    n_prompts = len(prompt_batch)
+    if len(gen_batch) != n_prompts:
+        raise ValueError(f"gen_batch has {len(gen_batch)} rows but prompt_batch has {n_prompts}; pass the same prompts")
+    if "uid" not in prompt_batch.non_tensor_batch:
+        raise ValueError("prompt_batch has no 'uid' column; give every prompt a uid before generating")
+    if not callable(priors):
+        priors = np.asarray(priors, dtype=np.float64)
+        if priors.shape != (n_prompts,):
+            raise ValueError(f"priors: expected shape ({n_prompts},), one per prompt, got {priors.shape}")
+    if dispatch_multiple < 1:
+        raise ValueError(f"dispatch_multiple must be >= 1, got {dispatch_multiple}")
+    return priors
+
+
 def generate_osla(
     prompt_batch: DataProto,
     gen_batch: DataProto,
@@ -124,16 +140,7 @@ def generate_osla(
     1 + ceil((k_max - k_init) / step)).
     """
     n_prompts = len(prompt_batch)
-    if len(gen_batch) != n_prompts:
-        raise ValueError(f"gen_batch has {len(gen_batch)} rows but prompt_batch has {n_prompts}; pass the same prompts")
-    if "uid" not in prompt_batch.non_tensor_batch:
-        raise ValueError("prompt_batch has no 'uid' column; give every prompt a uid before generating")
-    if not callable(priors):
-        priors = np.asarray(priors, dtype=np.float64)
-        if priors.shape != (n_prompts,):
-            raise ValueError(f"priors: expected shape ({n_prompts},), one per prompt, got {priors.shape}")
-    if dispatch_multiple < 1:
-        raise ValueError(f"dispatch_multiple must be >= 1, got {dispatch_multiple}")
+    priors = _checked_inputs(prompt_batch, gen_batch, priors, dispatch_multiple)
 
     parts: list[DataProto] = []
     rows_of: list[np.ndarray] = []

@@ -388,6 +388,20 @@ class RayV05Trainer(RayPPOTrainer):
     # training loop
     # ----------------------------------------------------------------------------------------------
 
+    def _with_old_log_prob(self, batch: DataProto, metrics: dict) -> DataProto:
+        """verl's old-policy log-probs joined to the batch, and the rollout entropy they come with logged."""
+        old_log_prob, mfu = self._compute_old_log_prob(batch)
+        actor_cfg = self.config.actor_rollout_ref.actor
+        entropy = agg_loss(
+            loss_mat=old_log_prob.batch["entropys"],
+            loss_mask=batch.batch["response_mask"],
+            loss_agg_mode=actor_cfg.loss_agg_mode,
+            loss_scale_factor=actor_cfg.loss_scale_factor,
+        )
+        metrics.update({"actor/entropy": entropy.detach().item(), "perf/mfu/actor_infer": mfu})
+        old_log_prob.batch.pop("entropys")
+        return batch.union(old_log_prob)
+
     def _train_on(self, batch: DataProto, metrics: dict, timing_raw: dict) -> DataProto:
         """Balance, log-probs, advantages (estimator `v05`) and the actor update for a padded batch."""
         if self.config.trainer.balance_batch:
@@ -408,17 +422,7 @@ class RayV05Trainer(RayPPOTrainer):
             )
         else:
             with marked_timer("old_log_prob", timing_raw, color="blue"):
-                old_log_prob, mfu = self._compute_old_log_prob(batch)
-                actor_cfg = self.config.actor_rollout_ref.actor
-                entropy = agg_loss(
-                    loss_mat=old_log_prob.batch["entropys"],
-                    loss_mask=batch.batch["response_mask"],
-                    loss_agg_mode=actor_cfg.loss_agg_mode,
-                    loss_scale_factor=actor_cfg.loss_scale_factor,
-                )
-                metrics.update({"actor/entropy": entropy.detach().item(), "perf/mfu/actor_infer": mfu})
-                old_log_prob.batch.pop("entropys")
-                batch = batch.union(old_log_prob)
+                batch = self._with_old_log_prob(batch, metrics)
         if self.use_reference_policy:
             with marked_timer("ref", timing_raw, color="olive"):
                 batch = batch.union(self._compute_ref_log_prob(batch))
