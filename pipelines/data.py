@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import click
 
-from pipelines.common import OptionError
+from pipelines.common import OptionError, json_safe, to_json
 
 
 def slug(text: str) -> str:
@@ -456,27 +456,6 @@ def run_sql(query: str, store_dir: Path):
     check_sql(query)
     with open_store(store_dir, read_only=True) as store, store.read_only_session() as session:
         return session.execute(query)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with NaN / +-infinity floats replaced by None (JSON has no such numbers), decimals as
-    floats, recursively."""
-    from decimal import Decimal
-
-    if isinstance(value, Decimal):
-        value = float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def to_json(value: Any, **kwargs: Any) -> str:
-    """Strict JSON (NaN -> null; dates and other objects as text)."""
-    return json.dumps(json_safe(value), allow_nan=False, default=str, **kwargs)
 
 
 def flatten_nested(result):

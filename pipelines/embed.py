@@ -18,7 +18,6 @@ dataset). A killed run continues where it stopped when rerun with the same optio
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable
 import click
 
 from pipelines.cli.options import RECIPE_ERRORS, fail
+from pipelines.common import write_json
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def embed(cfg: EmbedConfig, *, progress: bool = True, on_shard: Callable[[Path],
     summary = EmbedSummary(str(folder.path), folder.identity.kind, str(device), done.requested, done.skipped,
                            done.computed, done.shards, round(done.seconds, 3), round(folder.bytes_per_prompt(), 1))
     record = {**asdict(summary), "config": asdict(cfg), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (folder.path / "embed_summary.json").write_text(json.dumps(record, indent=1))
+    write_json(folder.path / "embed_summary.json", record, indent=1)
     return summary
 
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
+
+from pipelines.common import write_json
 
 
 def evaluate(policy: str, *, tasks: str = "arith", tasks_path: str | None = None, split: str = "test",
@@ -35,7 +36,7 @@ def evaluate(policy: str, *, tasks: str = "arith", tasks_path: str | None = None
         click.echo(f"average over {len(results)} data sets: {avg:.4f}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"policy": policy, "tasks": tasks, "k": k, "results": results}, indent=2, default=str))
+        write_json(out, {"policy": policy, "tasks": tasks, "k": k, "results": results}, indent=2)
     return results
 
 

@@ -12,7 +12,6 @@ rows of its own (model, step).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, replace
@@ -21,7 +20,7 @@ from typing import Any
 
 import click
 
-from pipelines.common import OptionError
+from pipelines.common import OptionError, json_safe
 from pipelines.config import read_yaml
 
 # ====================================================================================== pretrain-v0
@@ -160,20 +159,6 @@ def report_markdown(metrics: dict) -> str:
 
 
 # ====================================================================================== predict-v0
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, inf) as None and numpy scalars as Python numbers, so that
-    `json.dumps(..., allow_nan=False)` writes standard JSON (`null`, never `NaN`)."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()  # numpy / torch scalar
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def raw_rows(path: Path) -> list[dict]:

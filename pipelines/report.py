@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipelines.common import json_safe
+
 EVAL_KEYS = ("mean_at_k", "accuracy", "mean@k")
 FINAL_EVALS = 2  # a run's final accuracy averages its last this many evaluations
 
@@ -335,19 +337,6 @@ def protocol_summary(groups: dict[str, list[Run]], references: Sequence[str]) ->
     }
 
 
-def json_ready(obj: Any) -> Any:
-    """`obj` with every non-finite float replaced by None (valid JSON: no NaN / Infinity tokens)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_ready(obj.item())
-    return obj
-
-
 def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -530,5 +519,5 @@ def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 repo
     md = out / "report.md"
     md.write_text("\n".join(lines))
     payload = {**summary, "rows": rows, "reference": ref, "references": refs, "figures": figures}
-    (out / "summary.json").write_text(json.dumps(json_ready(payload), indent=2, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
     return md

@@ -34,6 +34,8 @@ from typing import Any
 import click
 import numpy as np
 
+from pipelines.common import write_json
+
 GRID_P = 2000  # cells of the p grid for the oracle
 GRID_V = 1601  # interior prior values tabulated for the oracle (interpolated linearly between)
 N_BIAS_BINS = 20
@@ -430,7 +432,7 @@ def bench_estimator(cfg: BenchConfig, out_dir: Path | None = None, *, speed: boo
         click.echo("speed, 512 prompts x 16 rollouts, median per call: " + json.dumps(report["speed"]))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "estimator_bench.json").write_text(json.dumps(report, indent=2))
+        write_json(out_dir / "estimator_bench.json", report, indent=2)
         plot(report, out_dir / "estimator_bench.png")
         click.echo(f"wrote {out_dir / 'estimator_bench.json'} and {out_dir / 'estimator_bench.png'}")
     return report

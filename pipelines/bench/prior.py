@@ -38,6 +38,8 @@ from typing import Any, Callable
 import click
 import numpy as np
 
+from pipelines.common import write_json
+
 QWEN3_EMBEDDING_0_6B: dict[str, Any] = dict(
     vocab_size=151669, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
     num_key_value_heads=8, head_dim=128, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
@@ -288,7 +290,7 @@ def bench_prior(cfg: PriorBenchConfig, out: Path | None = None, echo: Callable[[
             torch.set_num_threads(threads_before)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "prior_bench.json").write_text(json.dumps(result, indent=1))
+        write_json(out / "prior_bench.json", result, indent=1)
     return result
 
 

@@ -18,7 +18,6 @@ Figures depend on the machine and its load; the ratios to the floor are the port
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -33,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.common import OptionError
+from pipelines.common import OptionError, write_json
 
 N_PROMPTS = 20_000
 N_RUNS = 20
@@ -265,6 +264,6 @@ def bench_store(n_rollouts: int, out_path: Path, *, repeats: int = 3, seed: int 
             shutil.rmtree(base, ignore_errors=True)
     click.echo(format_table(result))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_path, result, indent=2)
     click.echo(f"results written to {out_path}")
     return result

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pipelines.common import json_safe
 from pipelines.report import (
-    json_ready,
     mean_band,
     mean_ci95,
     paired_rows,
@@ -128,8 +128,8 @@ def test_summary_json_protocol_schema_equal_steps_and_no_nan(tmp_path):
     assert "| osla | grpo16 | -2.5 ± 0.0 | +11.0 ± 2.5 | 3 |" in (tmp_path / "rep" / "report.md").read_text()
 
 
-def test_json_ready_replaces_non_finite():
-    assert json_ready({"a": [float("nan"), 1.0, np.float64("inf")], "b": np.int64(3)}) == {"a": [None, 1.0, None], "b": 3}
+def test_json_safe_replaces_non_finite():
+    assert json_safe({"a": [float("nan"), 1.0, np.float64("inf")], "b": np.int64(3)}) == {"a": [None, 1.0, None], "b": 3}
 
 
 def test_report_renders_from_fixture(tmp_path):
