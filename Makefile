@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # the unit layer only (no end-to-end runs, no verl): under a minute, for the edit-test loop
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not verl"
+	$(PY) -m pytest -q -m "not slow and not verl" --ignore=tests/v05_rl/verl
 
 demo: $(STAMP)
 	$(VENV)/bin/v05 demo

@@ -22,6 +22,8 @@ from pipelines.cli import main
 
 W = dict[str, Path]
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: `make test` runs it, `make test-fast` leaves it out
+
 
 class Case(NamedTuple):
     kind: str

@@ -97,6 +97,7 @@ def test_tiny_benchmark_run(tmp_path):
     json.dumps(report)  # JSON-ready
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_png(tmp_path):
     result = CliRunner().invoke(
         estimator, ["--prompts", "512", "--out", str(tmp_path), "--scores", str(tmp_path / "absent.jsonl")]

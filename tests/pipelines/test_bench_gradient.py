@@ -127,6 +127,7 @@ def tiny_cfg(policy: str, **kw) -> GradientBenchConfig:
     return GradientBenchConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_bench_writes_the_schema_and_pairs_the_arms(tmp_path, monkeypatch):
     from v05_rl.engine.collect import RolloutSource
 

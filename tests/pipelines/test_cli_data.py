@@ -176,6 +176,7 @@ def test_import_v0_release(tmp_path):
     assert got == [{"score": first["score"], "n": 10}]
 
 
+@pytest.mark.slow
 def test_bench_store_smoke(tmp_path):
     out_json = tmp_path / "bench.json"
     out = _run("bench", "store", "--n", "3200", "--prompts", "50", "--repeats", "1", "--out", out_json).output

@@ -19,6 +19,8 @@ from v0_data.store import TrajectoryStore
 RELEASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "v0_release"
 QUESTIONS = {"What is 1+1?": "2", "What is 2*3?": "6", "What is 10-4?": "6"}
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: `make test` runs it, `make test-fast` leaves it out
+
 
 def _run(*args, code: int | None = 0):
     result = CliRunner().invoke(main, [str(a) for a in args])
@@ -136,6 +138,7 @@ def _release_copy(dest: Path, *, model_suffix: str = "") -> Path:
     return dest
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not RELEASE.is_dir(), reason=f"V0 release sample not found at {RELEASE}")
 def test_import_refuses_another_release_under_the_same_name(tmp_path):
     a = _release_copy(tmp_path / "A" / "release")

@@ -132,6 +132,7 @@ def test_json_safe_replaces_non_finite():
     assert json_safe({"a": [float("nan"), 1.0, np.float64("inf")], "b": np.int64(3)}) == {"a": [None, 1.0, None], "b": 3}
 
 
+@pytest.mark.slow
 def test_report_renders_from_fixture(tmp_path):
     exp = tmp_path / "exp"
     for seed in (0, 1):

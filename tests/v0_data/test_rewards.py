@@ -131,6 +131,7 @@ def test_last_boxed_extraction():
     assert R.last_boxed(r"\boxed{}") == ""
 
 
+@pytest.mark.slow
 def test_signal_timeout_inside_worker_gives_minus_one():
     """A comparison that sympy cannot finish in time: math-verify's alarm fires inside the worker."""
     old = R.math_reward_config()
@@ -147,6 +148,7 @@ def test_signal_timeout_inside_worker_gives_minus_one():
     assert elapsed < 40
 
 
+@pytest.mark.slow
 def test_hard_deadline_kills_a_stuck_worker_and_the_pool_recovers():
     pool = R.TimeoutPool(workers=1)
     try:
@@ -163,6 +165,7 @@ def test_hard_deadline_kills_a_stuck_worker_and_the_pool_recovers():
         pool.shutdown()
 
 
+@pytest.mark.slow
 def test_worker_crash_is_retried_once_then_reported():
     pool = R.TimeoutPool(workers=1)
     try:
@@ -174,6 +177,7 @@ def test_worker_crash_is_retried_once_then_reported():
         pool.shutdown()
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_start_are_given_up_and_the_pool_rebuilt():
     """A worker stuck before its first task (here: a 60 s initializer) never starts the deadline clock;
     after startup_timeout_s without progress the call gives up instead of waiting forever."""
@@ -192,6 +196,7 @@ def test_workers_that_cannot_start_are_given_up_and_the_pool_rebuilt():
         pool.shutdown()
 
 
+@pytest.mark.slow
 def test_forked_child_starts_its_own_workers():
     """The pool's threads do not survive fork: a child must not wait on the parent's pool."""
     pool = R.TimeoutPool(workers=1)

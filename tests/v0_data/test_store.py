@@ -516,6 +516,7 @@ def test_second_writer_process_is_refused(store):
     assert "StoreLockedError" in out and "being written by another process (pid" in out and "read_only=True" in out
 
 
+@pytest.mark.slow
 def test_reader_process_beside_writer_process(store):
     store.close()  # hand the write lock to the other process
     proc = _subprocess(store.root, "write")
@@ -530,6 +531,7 @@ def test_reader_process_beside_writer_process(store):
     assert counts[-1] == 50
 
 
+@pytest.mark.slow
 def test_killed_writer_process_loses_nothing_committed(store):
     store.close()
     proc = _subprocess(store.root, "die")

@@ -268,6 +268,7 @@ def test_predict_v0_cli(tiny_bert, tmp_path):
     assert res.exit_code != 0 and "no context row for model 'zzz'" in res.output
 
 
+@pytest.mark.slow
 def test_pretrain_v0_cli_on_release_folder(tiny_bert, tmp_path):
     from click.testing import CliRunner
 
@@ -338,6 +339,7 @@ def test_v0_prior_source(tiny_bert, tmp_path, monkeypatch):
     assert len(state["support"]["prompt_ids"]) == 16
 
 
+@pytest.mark.slow
 def test_pretrain_v0_cli_from_store(tiny_bert, tmp_path):
     """The store path: prompts + imported scores -> v0_pairs -> training; the cache lands beside the store."""
     import pyarrow as pa
