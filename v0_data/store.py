@@ -63,6 +63,7 @@ before the session refuses.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
@@ -796,8 +797,7 @@ class TrajectoryStore:
 
     def _commit_transaction(self, entries: list[ManifestEntry], keys: list[str], runs: Sequence[tuple]) -> None:
         with _catalog(self._duck, self.root, read_only=False) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
+            with _transaction(con):
                 replaced = [
                     row[0]
                     for row in con.execute(
@@ -813,13 +813,6 @@ class TrajectoryStore:
                 manifest = _read_manifest(con)
                 _refresh_catalog_views(con, self.root, manifest, tables={e.tbl for e in entries})
                 self._generation = _bump_generation(con)
-                con.execute("COMMIT")
-            except BaseException:
-                try:
-                    con.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001 - a failed COMMIT has already rolled back
-                    pass
-                raise
             if runs:
                 self._set_runs(con)
         self._manifest = manifest
@@ -1397,22 +1390,13 @@ class TrajectoryStore:
 
     def _repair_transaction(self, drop: list[str], checksums: Mapping[str, str]) -> None:
         """Drop manifest rows `drop`, record `checksums`, rebuild every catalog view: one transaction."""
-        with _catalog(self._duck, self.root, read_only=False) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute("DELETE FROM _manifest WHERE path IN (SELECT unnest(?))", [drop])
-                for rel, checksum in checksums.items():
-                    con.execute("UPDATE _manifest SET checksum = ? WHERE path = ?", [checksum, rel])
-                manifest = _read_manifest(con)
-                _refresh_catalog_views(con, self.root, manifest)
-                self._generation = _bump_generation(con)
-                con.execute("COMMIT")
-            except BaseException:
-                try:
-                    con.execute("ROLLBACK")
-                except Exception:  # noqa: BLE001 - a failed COMMIT has already rolled back
-                    pass
-                raise
+        with _catalog(self._duck, self.root, read_only=False) as con, _transaction(con):
+            con.execute("DELETE FROM _manifest WHERE path IN (SELECT unnest(?))", [drop])
+            for rel, checksum in checksums.items():
+                con.execute("UPDATE _manifest SET checksum = ? WHERE path = ?", [checksum, rel])
+            manifest = _read_manifest(con)
+            _refresh_catalog_views(con, self.root, manifest)
+            self._generation = _bump_generation(con)
         self._manifest = manifest
         self._known_ids = None
         self._views_stale = True
@@ -1692,6 +1676,22 @@ class _catalog:
     def __exit__(self, *exc: Any) -> None:
         self.con.execute("USE memory")
         self.con.execute(f"DETACH {_CATALOG_ALIAS}")
+
+
+@contextlib.contextmanager
+def _transaction(con) -> Iterable[Any]:
+    """BEGIN ... COMMIT on the catalog connection `con`; any error rolls back and is re-raised, so the
+    manifest and the views change together or not at all."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - a failed COMMIT has already rolled back
+            pass
+        raise
 
 
 def _init_catalog(duck, root: Path) -> None:
