@@ -1476,12 +1476,7 @@ class ReadOnlySession:
         """
         import duckdb
 
-        try:
-            statements = duckdb.extract_statements(sql)
-        except duckdb.Error as err:
-            raise ValueError(f"SQL does not parse: {str(err).splitlines()[0]}") from None
-        if not statements:
-            raise ValueError("SQL is empty; fix: give a statement such as 'SELECT * FROM prompt_stats LIMIT 5'")
+        statements = sql_statements(sql)
         result = None
         for statement in statements:
             try:
@@ -1755,20 +1750,26 @@ def _view_statements(
     return out
 
 
+def sql_statements(sql: str) -> list:
+    """DuckDB's parsed statements of `sql`; a ValueError naming the fix when it does not parse or is empty."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as err:
+        raise ValueError(f"SQL does not parse: {str(err).splitlines()[0]}") from None
+    if not statements:
+        raise ValueError("SQL is empty; fix: give a statement such as 'SELECT * FROM prompt_stats LIMIT 5'")
+    return statements
+
+
 def check_sql(sql: str) -> list:
     """Parse `sql` and refuse statements that are not plain reads; returns the parsed statements.
 
     Only a friendlier, earlier message: the guard of `v05 sql` is `ReadOnlySession`, which refuses
     whatever this misses. EXPLAIN [ANALYZE] is judged by the statement it explains.
     """
-    import duckdb
-
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as err:
-        raise ValueError(f"SQL does not parse: {err}") from None
-    if not statements:
-        raise ValueError("SQL is empty; fix: give a statement such as 'SELECT * FROM prompt_stats LIMIT 5'")
+    statements = sql_statements(sql)
     for statement in statements:
         kind = str(statement.type).rsplit(".", 1)[-1]
         if kind == "EXPLAIN":
