@@ -236,7 +236,8 @@ def test_base_rate_center_by_hand():
     np.testing.assert_allclose(src.beta_prior(), (0.2, 1.8))
     # prompt 0: α = 0, β = 4 -> p̂ = 0.2 / 6 -> V = 2·0.2/6 - 1 = -0.9333…
     np.testing.assert_allclose(src.priors(ps)[0], 2 * 0.2 / 6 - 1, rtol=1e-12)
-    flat = make_prior_source("history")
+    assert PriorOptions().history_center == "base-rate"  # the default (flat made k = 2 gradients worse)
+    flat = make_prior_source("history", PriorOptions(history_center="flat"))
     flat.observe(ids(ps[:3]), [0.0, 0.0, 0.3], counts=[4, 4, 4])
     np.testing.assert_allclose(flat.priors(ps)[0], 2 * 1 / 6 - 1, rtol=1e-12)  # Beta(1, 1): V = -0.667
     with pytest.raises(ValueError, match="history_center 'mean' unknown"):

@@ -9,6 +9,7 @@ import pytest
 from v0_data.tasks.base import Prompt
 from v05_rl.priors import (
     PRIOR_SOURCES,
+    MeanPrior,
     NoPrior,
     OracleNoisePrior,
     PriorOptions,
@@ -107,6 +108,22 @@ def test_none_gives_nan_and_feeds_its_buffer():
     assert v.shape == (3,) and np.isnan(v).all()
     src.observe([1, 2], [0.25, 0.75])
     assert len(src.support) == 2 and src.support.capacity == 8
+
+
+def test_mean_prior_is_the_buffer_mean_for_every_prompt_and_resumes():
+    src = make_prior_source("mean", PriorOptions(support_capacity=4))
+    assert isinstance(src, MeanPrior) and src.name == "mean"
+    assert np.isnan(src.priors(prompts(2))).all()  # empty buffer: no prior
+    src.observe([1, 2], [0.0, 0.0])
+    assert np.isnan(src.priors(prompts(2))).all()  # one class only: not usable, as for V0
+    src.observe([3], [0.75])
+    # mean rate (0 + 0 + 0.75) / 3 = 0.25 -> V = 2 * 0.25 - 1 = -0.5, the same for every prompt
+    assert src.priors(prompts(3)).tolist() == [-0.5, -0.5, -0.5]
+    src.observe([4, 5], [1.0, 1.0])  # capacity 4: (1, 0.0) is evicted -> rates 0, 0.75, 1, 1 -> mean 0.6875
+    assert src.priors(prompts(1)).tolist() == [2 * 0.6875 - 1]
+    again = make_prior_source("mean", PriorOptions(support_capacity=4))
+    again.load_state_dict(src.state_dict())
+    assert again.priors(prompts(2)).tolist() == src.priors(prompts(2)).tolist()
 
 
 def test_noisy_prior_by_hand():

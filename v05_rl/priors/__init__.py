@@ -1,6 +1,8 @@
 """Where V0.5's prior V comes from: sources chosen by name from `PRIOR_SOURCES`.
 
 - `none`          no prior: every V is NaN, so the fused baseline reduces to the empirical mean.
+- `mean`          one V for every prompt, the support buffer's mean success rate: the control for
+                  whether knowing the prompt pays (`base.py`).
 - `oracle-noise`  the policy's measured success rate (extra, unbudgeted rollouts) plus noise: an
                   experimental upper bound (`oracle.py`).
 - `v0`            the frozen V0 value model with the support buffer as context (`v0.py`).
@@ -17,6 +19,7 @@ from v05_rl.priors.base import (
     DEFAULT_CAPACITY,
     DEFAULT_SUPPORT_SIZE,
     BufferedPriorSource,
+    MeanPrior,
     NoPrior,
     PriorOptions,
     PriorRuntime,
@@ -33,6 +36,7 @@ PRIOR_SOURCES: Registry[PriorFactory] = Registry("prior source")
 
 PRIOR_HELP: dict[str, str] = {
     "none": "no prior (NaN): the fused baseline is the empirical mean",
+    "mean": "one prior for every prompt, the support buffer's mean success rate (the control for V0: no prompt knowledge)",
     "oracle-noise": (
         "EXPERIMENTAL UPPER BOUND: the current policy's success rate measured with extra rollouts that are "
         "not counted in the budget, plus Gaussian noise (--prior-noise-std) and flipped priors (--prior-flip-fraction)"
@@ -44,6 +48,11 @@ PRIOR_HELP: dict[str, str] = {
 @PRIOR_SOURCES.register("none")
 def _make_none(opts: PriorOptions, runtime: PriorRuntime) -> PriorSource:
     return NoPrior(SupportBuffer(opts.support_capacity))
+
+
+@PRIOR_SOURCES.register("mean")
+def _make_mean(opts: PriorOptions, runtime: PriorRuntime) -> PriorSource:
+    return MeanPrior(SupportBuffer(opts.support_capacity))
 
 
 @PRIOR_SOURCES.register("oracle-noise")
@@ -80,6 +89,7 @@ __all__ = [
     "PRIOR_HELP",
     "PRIOR_SOURCES",
     "BufferedPriorSource",
+    "MeanPrior",
     "NoPrior",
     "OracleNoisePrior",
     "PriorFactory",
