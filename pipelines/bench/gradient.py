@@ -23,6 +23,8 @@ The priors:
   fed with an earlier, separate draw of `history_rollouts` rollouts per prompt, redrawn every repeat: the
   multi-epoch regime where each prompt was seen once before. Same policy (a real run sees it under an
   older policy: an optimistic history).
+- mean: the `mean` prior source fed with the history draw: one V for every prompt, the batch's base rate
+  (the control for whether knowing the prompt pays).
 - v0: the `v0` source (`--v0-checkpoint`; skipped with a note without one) with a support buffer of
   `v0_context_prompts` other training prompts × `v0_context_rollouts` rollouts each, computed once.
 
@@ -222,7 +224,8 @@ class Arm(NamedTuple):
 
 def build_arms(cfg: GradientBenchConfig, with_v0: bool) -> list[Arm]:
     """grpo and v05-none, then every prior × method, for each k (in this order)."""
-    priors = ["oracle"] + [f"oracle-noise{s:g}" for s in cfg.noise_stds] + ["history"] + (["v0"] if with_v0 else [])
+    priors = (["oracle"] + [f"oracle-noise{s:g}" for s in cfg.noise_stds] + ["history", "mean"]
+              + (["v0"] if with_v0 else []))
     arms: list[Arm] = []
     for k in cfg.ks:
         arms.append(Arm(f"grpo-k{k}", k, "none", "group-mean-std"))
@@ -415,7 +418,7 @@ def fixed_priors(world: World, cfg: GradientBenchConfig, notes: list[str]) -> tu
 
 def repeat_priors(world: World, cfg: GradientBenchConfig, p_tilde: np.ndarray, v0: np.ndarray | None,
                   rep: int) -> dict[str, np.ndarray]:
-    """Every prior of one repeat, name -> (G,): oracle, noisy oracles (fresh noise), history (fresh draw), v0."""
+    """Every prior of one repeat, name -> (G,): oracle, noisy oracles (fresh noise), history and mean (fresh draw), v0."""
     from v05_rl.engine.sampler import derive_seed
     from v05_rl.priors import PriorOptions, make_prior_source
 
@@ -433,6 +436,9 @@ def repeat_priors(world: World, cfg: GradientBenchConfig, p_tilde: np.ndarray, v
     history.observe(ids, success_counts(hb, hr, len(ids)) / cfg.history_rollouts,
                     counts=np.full(len(ids), cfg.history_rollouts))
     out["history"] = history.priors(world.batch)
+    mean = make_prior_source("mean")  # one V for every prompt: the base rate of the same draw
+    mean.observe(ids, success_counts(hb, hr, len(ids)) / cfg.history_rollouts)
+    out["mean"] = mean.priors(world.batch)
     if v0 is not None:
         out["v0"] = v0
     return out

@@ -85,8 +85,8 @@ def test_grpo_and_v05_without_prior_point_the_same_way():
 
 def test_arms_of_the_brief():
     names = [a.name for a in build_arms(GradientBenchConfig(), with_v0=True)]
-    assert len(names) == 2 * (2 + 5 * 2) and "v05-oracle-noise0.4-empirical-bayes-k2" in names
-    assert "v05-v0-paper-k4" in names and "v05-history-paper-k4" in names
+    assert len(names) == 2 * (2 + 6 * 2) and "v05-oracle-noise0.4-empirical-bayes-k2" in names
+    assert "v05-v0-paper-k4" in names and "v05-history-paper-k4" in names and "v05-mean-paper-k4" in names
     assert not any("v0" in a.prior for a in build_arms(GradientBenchConfig(), with_v0=False))
     with pytest.raises(ValueError, match="methods"):
         GradientBenchConfig(methods=("nope",))
@@ -143,7 +143,7 @@ def test_bench_writes_the_schema_and_pairs_the_arms(tmp_path, monkeypatch):
     result = run_gradient_bench(cfg, tmp_path / "out", progress=False, reward_fn=first_char_reward)
     data = json.loads((tmp_path / "out" / "gradient.json").read_text())
     assert (tmp_path / "out" / "gradient.png").stat().st_size > 0 and (tmp_path / "out" / "gradient.md").exists()
-    assert len(data["arms"]) == len(build_arms(cfg, with_v0=False)) == 2 * (2 + 3 * 2)
+    assert len(data["arms"]) == len(build_arms(cfg, with_v0=False)) == 2 * (2 + 4 * 2)
     for arm in data["arms"]:
         assert REQUIRED <= set(arm) and arm["n_repeats"] == 3
         assert arm["cos_batch_ci95"] >= 0 and -1 <= arm["cos_batch"] <= 1
