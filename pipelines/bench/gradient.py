@@ -660,7 +660,7 @@ def _help(name: str) -> str:
 @click.option("--history-prior", default="", show_default=True,
               help="a0,b0 of the history prior's Beta ('' = the source's default, Beta(1, 1))")
 @click.option("--history-center", type=click.Choice(HISTORY_CENTERS), default=None,
-              help="centre of the history prior's Beta (default: the source's, flat)")
+              help="centre of the history prior's Beta (default: the source's, base-rate)")
 @click.option("--methods", default=",".join(_D.methods), show_default=True, help="comma-separated " + _help("methods"))
 @click.option("--v0-checkpoint", type=click.Path(dir_okay=False), default=None, help=_help("v0_checkpoint"))
 @click.option("--ref-norm", type=click.Choice(REF_NORMS), default=_D.ref_norm, show_default=True, help=_help("ref_norm"))
