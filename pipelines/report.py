@@ -359,13 +359,14 @@ def curves_figure(groups: dict[str, list[Run]], path: Path, title: str, ylabel: 
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = False
-    for variant, runs in groups.items():
+    for i, (variant, runs) in enumerate(groups.items()):
         grid, mean, half = mean_band([get(r) for r in runs])
         if len(grid) == 0:
             continue
         drawn = True
-        line, = ax.plot(grid, mean, label=f"{variant} (n={len(runs)})")
-        ax.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        color, style = line_style(i, len(groups))
+        ax.plot(grid, mean, color=color, linestyle=style, label=f"{variant} (n={len(runs)})")
+        ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.15)
     if not drawn:
         plt.close(fig)
         return False
@@ -374,6 +375,49 @@ def curves_figure(groups: dict[str, list[Run]], path: Path, title: str, ylabel: 
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def line_style(i: int, n: int) -> tuple[Any, str]:
+    """Colour and line style of the i-th of n curves: tab10 up to 10 curves, tab20 up to 20, then the
+    tab20 colours again dashed, so no two of up to 40 variants look alike."""
+    import matplotlib
+
+    if n <= 10:
+        return matplotlib.colormaps["tab10"](i), "-"
+    return matplotlib.colormaps["tab20"](i % 20), ("-", "--")[(i // 20) % 2]
+
+
+def paired_figure(paired: Sequence[dict[str, Any]], path: Path) -> bool:
+    """Forest plot of the paired differences (equal rollouts), one panel per reference arm; False without rows."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in paired if r["n_pairs"] >= 2 and math.isfinite(r["diff"])]
+    refs = list(dict.fromkeys(r["reference"] for r in rows))
+    if not refs:
+        return False
+    height = max(2.0, 0.28 * max(sum(r["reference"] == ref for r in rows) for ref in refs) + 1.0)
+    ncols = min(3, len(refs))
+    nrows = -(-len(refs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, height * nrows), squeeze=False, sharex=True)
+    for ax in axes.flat[len(refs):]:
+        ax.set_visible(False)
+    for ax, ref in zip(axes.flat, refs):
+        mine = [r for r in rows if r["reference"] == ref]
+        y = np.arange(len(mine))[::-1]
+        diff = np.array([r["diff"] for r in mine]) * 100.0
+        ci = np.array([r["ci95"] if r["ci95"] is not None and math.isfinite(r["ci95"]) else 0.0 for r in mine]) * 100.0
+        colors = ["tab:green" if d - c > 0 else "tab:red" if d + c < 0 else "tab:gray" for d, c in zip(diff, ci)]
+        ax.hlines(y, diff - ci, diff + ci, colors=colors, linewidth=1.5)
+        ax.scatter(diff, y, c=colors, zorder=3, s=18)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [r["variant"] for r in mine], fontsize=8)
+        ax.set_title(f"− {ref}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.supxlabel("paired difference in final accuracy, points (95 % CI; green/red: CI excludes 0)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -494,6 +538,8 @@ def write_report(run_dirs: Sequence[Path], out: Path, *, title: str = "V0.5 repo
     refs = resolve_references(groups, reference)
     rows, ref = summary_table(groups, refs or None)
     summary = protocol_summary(groups, refs)
+    if paired_figure(summary["paired"], out / "paired_differences.png"):
+        figures.insert(0, "paired_differences.png")
     for img in extra_images:
         img = Path(img)
         if img.exists():

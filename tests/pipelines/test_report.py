@@ -126,6 +126,25 @@ def test_summary_json_protocol_schema_equal_steps_and_no_nan(tmp_path):
     assert eq_paired[("osla", "grpo16")]["diff"] == pytest.approx(0.11)
     assert eq_paired[("osla", "grpo16")]["ci95"] == pytest.approx(0.024841, abs=1e-6)
     assert "| osla | grpo16 | -2.5 ± 0.0 | +11.0 ± 2.5 | 3 |" in (tmp_path / "rep" / "report.md").read_text()
+    # the paired differences are drawn (a forest plot), first among the figures
+    assert summary["figures"][0] == "paired_differences.png"
+    assert (tmp_path / "rep" / "paired_differences.png").stat().st_size > 1000
+
+
+def test_line_styles_are_distinct_for_many_variants():
+    from pipelines.report import line_style
+
+    for n in (3, 12, 25):
+        styles = [line_style(i, n) for i in range(n)]
+        assert len({(tuple(c), ls) for c, ls in styles}) == n
+
+
+def test_no_paired_figure_without_pairs(tmp_path):
+    from pipelines.report import paired_figure
+
+    assert not paired_figure([], tmp_path / "p.png") and not (tmp_path / "p.png").exists()
+    one_pair = [{"variant": "a", "reference": "b", "diff": 0.01, "ci95": None, "n_pairs": 1}]
+    assert not paired_figure(one_pair, tmp_path / "p.png")  # one pair: no CI, nothing to draw
 
 
 def test_json_safe_replaces_non_finite():
