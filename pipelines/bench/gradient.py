@@ -433,11 +433,11 @@ def repeat_priors(world: World, cfg: GradientBenchConfig, p_tilde: np.ndarray, v
         beta["history_center"] = cfg.history_center
     history = make_prior_source("history", PriorOptions(**beta))
     ids = [p.prompt_id for p in world.batch]
-    history.observe(ids, success_counts(hb, hr, len(ids)) / cfg.history_rollouts,
-                    counts=np.full(len(ids), cfg.history_rollouts))
+    rates = success_counts(hb, hr, len(ids)) / cfg.history_rollouts  # [G]
+    history.observe(ids, rates, counts=np.full(len(ids), cfg.history_rollouts))
     out["history"] = history.priors(world.batch)
     mean = make_prior_source("mean")  # one V for every prompt: the base rate of the same draw
-    mean.observe(ids, success_counts(hb, hr, len(ids)) / cfg.history_rollouts)
+    mean.observe(ids, rates)
     out["mean"] = mean.priors(world.batch)
     if v0 is not None:
         out["v0"] = v0
